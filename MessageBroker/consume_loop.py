@@ -2,7 +2,9 @@
 
 One loop iteration: receive a batch (as many as are available, up to ``batch_size``; waits only
 when none are), run the handler, ack the messages it finished, dead-letter those that failed
-``max_attempts`` times, and hand the rest back for redelivery after an exponential backoff.
+``max_attempts`` times, and hand the rest back for redelivery after an exponential backoff. A handler that knows a message
+can never succeed signals :class:`Reject`, which dead-letters it at once; one that failed for
+reasons outside the message (disk full) signals :class:`Retry`, which never dead-letters.
 SIGINT/SIGTERM (when called from the main thread), ``broker.stop()`` or ``stop_event`` end the
 loop after the current batch; the consumer is then closed, which hands back anything unacked.
 """
@@ -21,6 +23,21 @@ from MessageBroker.broker_interface import BrokerInterface, Message
 logger = logging.getLogger(__name__)
 
 BatchHandler = Callable[[list[Message]], "Mapping[str, BaseException] | None"]
+
+
+class Reject(Exception):
+    """Raised (or returned) by a handler for a message that can never succeed.
+
+    The message goes to the dead-letter topic at once with this reason, without retries.
+    """
+
+
+class Retry(Exception):
+    """Raised by a handler when the failure is not the message's fault (disk full, service down).
+
+    The batch is handed back after a backoff and never dead-lettered for it, however often it
+    happens: the stream waits until the cause is fixed.
+    """
 
 
 @dataclass
@@ -90,8 +107,9 @@ def run(
                 consumer.ack(done)
                 stats.acked += len(done)
                 failed = [m for m in batch if m.id in failures]
-                exhausted = [m for m in failed if m.delivery_attempt >= attempts_allowed]
-                retry = [m for m in failed if m.delivery_attempt < attempts_allowed]
+                exhausted = [m for m in failed if _exhausted(m, failures[m.id], attempts_allowed)]
+                dead_ids = {m.id for m in exhausted}
+                retry = [m for m in failed if m.id not in dead_ids]
                 if exhausted:
                     consumer.dead_letter([(m, _reason(failures[m.id])) for m in exhausted])
                     stats.dead_lettered += len(exhausted)
@@ -118,8 +136,14 @@ def _call(handler: BatchHandler, batch: list[Message]) -> Mapping[str, BaseExcep
         return {m.id: exc for m in batch}
 
 
+def _exhausted(message: Message, error: BaseException, attempts_allowed: int) -> bool:
+    if isinstance(error, Reject):
+        return True
+    return not isinstance(error, Retry) and message.delivery_attempt >= attempts_allowed
+
+
 def _reason(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+    return str(error) if isinstance(error, Reject) else f"{type(error).__name__}: {error}"
 
 
 @contextlib.contextmanager

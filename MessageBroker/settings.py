@@ -24,7 +24,7 @@ class IniSettings:
         path: Path,
         *,
         overrides: Mapping[tuple[str, str], str] | None = None,
-        error: type[BrokerConfigError] = BrokerConfigError,
+        error: type[Exception] = BrokerConfigError,
     ):
         self.path = Path(path)
         self._error = error

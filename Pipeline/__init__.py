@@ -1,0 +1,1 @@
+"""What the four pipeline scripts share: the event codec, the settings and the result checker."""
