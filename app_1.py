@@ -7,7 +7,8 @@ Sources (one per run):
                                      (a file that fails to publish stays where it was)
 Each image gets a unique id, or with ``--id-from-content`` a hash of its bytes (re-sending the same
 image gives the same id, so the DB keeps one row). ``--manifest FILE`` appends one JSON line per
-confirmed image (id, expected label), which ``python -m Pipeline.checker`` compares with the DB.
+image (id, expected label, whether the broker confirmed it), which ``python -m Pipeline.checker``
+compares with the DB.
 """
 
 from __future__ import annotations
@@ -75,9 +76,11 @@ class Producer:
             confirmed = [index not in failed for index in range(len(items))]
             logger.error("%d of %d images not published: %s", len(failed), len(items), exc)
         for item, event, ok in zip(items, events, confirmed):
-            if ok and self.manifest:
+            if self.manifest:
+                # Unconfirmed images may still reach the broker (an indeterminate write), so
+                # they are listed too: the checker neither expects nor flags them.
                 self.manifest.write(json.dumps({"image_id": event.image_id, "expected_label": item.expected_label,
-                                                "name": item.name}) + "\n")
+                                                "name": item.name, "confirmed": ok}) + "\n")
         if self.manifest:
             self.manifest.flush()
         self.tally.sent += sum(confirmed)

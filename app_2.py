@@ -82,7 +82,7 @@ def consume(args: argparse.Namespace, config) -> int:  # type: ignore[no-untyped
     broker = create_from_args(args)
     store = None
     try:
-        store = ResultStore(config.db_dir)
+        store = ResultStore(config.db_dir, max_bytes=config.db_max_bytes)
         results, dead_letters = config.results_topic, broker.dead_letter_topic(config.images_topic)
         for topic, group in ((results, config.results_group), (dead_letters, config.dead_letters_group)):
             broker.create_topic(topic)

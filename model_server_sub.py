@@ -20,6 +20,7 @@ from MessageBroker.consume_loop import Reject, Retry
 from MessageBroker.message_broker_factory import add_broker_arguments, create_from_args
 from Pipeline import cli
 from Pipeline.config import load_config
+from Pipeline.failpoints import wrap_predictor
 from Pipeline.events import EventError, ImageEvent, ResultEvent, now_iso
 from Queue import FileQueueWriter, QueueWriteError
 
@@ -122,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     from Modelling.predict_cnn import Predictor  # TensorFlow loads only for this script
 
     # The model is loaded before anything is consumed: a missing model consumes nothing.
-    predictor = Predictor.load(config.checkpoint)
+    predictor = wrap_predictor(Predictor.load(config.checkpoint))
     logger.info("model %s loaded from %s", predictor.model_version, config.checkpoint)
     broker = create_from_args(args)
     queue = None
     try:
-        queue = FileQueueWriter(config.queue_dir)
+        queue = FileQueueWriter(config.queue_dir, max_bytes=config.queue_max_bytes)
         images = config.images_topic
         dead_letters = broker.dead_letter_topic(images)
         for topic in (images, dead_letters):

@@ -17,10 +17,15 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from MessageBroker.broker_interface import BrokerInterface, Message
+from MessageBroker.broker_interface import BrokerInterface, Consumer, Message
+from MessageBroker.errors import AuthenticationError, BrokerClosedError, BrokerError, TopicNotFoundError
 
 logger = logging.getLogger(__name__)
+
+# Waiting cannot fix these: the loop raises them instead of retrying.
+_FATAL = (TopicNotFoundError, BrokerClosedError, AuthenticationError)
 
 BatchHandler = Callable[[list[Message]], "Mapping[str, BaseException] | None"]
 
@@ -90,42 +95,79 @@ def run(
     handle_signals: bool = True,
     max_outstanding: int = 1000,
 ) -> ConsumeStats:
-    """Consume until stopped; see the module docstring. Returns the run's counts."""
-    attempts_allowed = max_attempts or broker.max_attempts
-    stop = stop_event or threading.Event()
-    stats = ConsumeStats()
-    with _stop_on_signals(stop, enabled=handle_signals):
+    """Consume until stopped; see the module docstring. Returns the run's counts.
+
+    A broker that stops answering (hung, restarting) does not end the loop: receive, ack and
+    dead-letter failures are logged and retried with backoff, and whatever was not acked is
+    delivered again later. Errors that waiting cannot fix (topic deleted, credentials rejected,
+    broker closed) are raised.
+    """
+    loop = _Loop(broker, topic, handler, max_attempts or broker.max_attempts, backoff,
+                 stop_event or threading.Event())
+    with _stop_on_signals(loop.stop, enabled=handle_signals):
         consumer = broker.consumer(topic, group, max_outstanding=max(max_outstanding, batch_size))
         try:
-            while not (stop.is_set() or broker.stop_requested.is_set()):
-                batch = consumer.receive(batch_size, timeout=max_wait)
-                if not batch:
-                    continue
-                stats.received += len(batch)
-                failures = _call(handler, batch)
-                done = [m for m in batch if m.id not in failures]
-                consumer.ack(done)
-                stats.acked += len(done)
-                failed = [m for m in batch if m.id in failures]
-                exhausted = [m for m in failed if _exhausted(m, failures[m.id], attempts_allowed)]
-                dead_ids = {m.id for m in exhausted}
-                retry = [m for m in failed if m.id not in dead_ids]
-                if exhausted:
-                    consumer.dead_letter([(m, _reason(failures[m.id])) for m in exhausted])
-                    stats.dead_lettered += len(exhausted)
-                    for m in exhausted:
-                        logger.warning(
-                            "dead-lettered message %s of %r after %d attempts: %s",
-                            m.id, topic, m.delivery_attempt, _reason(failures[m.id]),
-                        )
-                if retry:
-                    stats.retried += len(retry)
-                    # Wait on the stop event, so a shutdown is not delayed by the backoff.
-                    stop.wait(backoff.delay(max(m.delivery_attempt for m in retry)))
-                    consumer.nack(retry)
+            while not loop.stopped():
+                batch = loop.guard("receive", lambda: consumer.receive(batch_size, timeout=max_wait))
+                if batch:
+                    loop.handle(consumer, batch)
         finally:
             consumer.close()
-    return stats
+    return loop.stats
+
+
+class _Loop:
+    """One subscription's state: counts, the stop event and the broker-trouble backoff."""
+
+    def __init__(self, broker: BrokerInterface, topic: str, handler: BatchHandler, attempts_allowed: int,
+                 backoff: Backoff, stop: threading.Event):
+        self.broker, self.topic, self.handler = broker, topic, handler
+        self.attempts_allowed, self.backoff, self.stop = attempts_allowed, backoff, stop
+        self.stats = ConsumeStats()
+        self._troubles = 0
+
+    def stopped(self) -> bool:
+        return self.stop.is_set() or self.broker.stop_requested.is_set()
+
+    def guard(self, action: str, call: Callable[[], Any]) -> Any:
+        """Run a broker call; on a transient broker error log it, back off and return None."""
+        try:
+            result = call()
+        except _FATAL:
+            raise
+        except BrokerError as exc:
+            self._troubles += 1
+            delay = self.backoff.delay(self._troubles)
+            logger.warning("%s on %r failed (%s); retrying in %.1f s", action, self.topic, exc, delay)
+            self.stop.wait(delay)
+            return None
+        self._troubles = 0
+        return result
+
+    def handle(self, consumer: Consumer, batch: list[Message]) -> None:
+        self.stats.received += len(batch)
+        failures = _call(self.handler, batch)
+        done = [m for m in batch if m.id not in failures]
+        if done and self.guard("ack", lambda: consumer.ack(done) or True):
+            self.stats.acked += len(done)
+        failed = [m for m in batch if m.id in failures]
+        exhausted = [m for m in failed if _exhausted(m, failures[m.id], self.attempts_allowed)]
+        dead_ids = {m.id for m in exhausted}
+        retry = [m for m in failed if m.id not in dead_ids]
+        if exhausted:
+            letters = [(m, _reason(failures[m.id])) for m in exhausted]
+            if self.guard("dead-letter", lambda: consumer.dead_letter(letters) or True):
+                self.stats.dead_lettered += len(exhausted)
+                for message, reason in letters:
+                    logger.warning("dead-lettered message %s of %r after %d attempts: %s",
+                                   message.id, self.topic, message.delivery_attempt, reason)
+            else:
+                retry += exhausted  # not acked: hand back, dead-letter again on a later delivery
+        if retry:
+            self.stats.retried += len(retry)
+            # Wait on the stop event, so a shutdown is not delayed by the backoff.
+            self.stop.wait(self.backoff.delay(max(m.delivery_attempt for m in retry)))
+            self.guard("nack", lambda: consumer.nack(retry))
 
 
 def _call(handler: BatchHandler, batch: list[Message]) -> Mapping[str, BaseException]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import struct
 import warnings
 
 import numpy as np
@@ -63,6 +64,17 @@ BOUNDS_MASS_QUANTILE = 0.005
 # Pillow warns about images between its own limit and twice it; MAX_PIXELS, checked right
 # after the header is read, is stricter, so that warning would only be noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+#: Pillow formats decode_image opens. Each declares its true size in a header that is read
+#: before any pixel: ICO and ICNS, for instance, decode embedded PNGs inside ``Image.open``
+#: (so before MAX_PIXELS can be checked), and EPS would run Ghostscript on the input.
+#: JPEG includes MPO (multi-picture JPEGs from cameras), which Pillow opens as JPEG's variant.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+# Pillow's parsers report corrupt data through all of these; fuzzing found TypeError (TIFF tags
+# of the wrong type), struct.error (truncated GIF) and ZeroDivisionError escaping besides.
+_PILLOW_DATA_ERRORS = (
+    OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, ArithmeticError, struct.error,
+)
 
 _HIGH_DEPTH_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0}
 
@@ -110,7 +122,7 @@ def decode_image(
     max_bytes: int = MAX_ENCODED_BYTES,
     max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
-    """Decode an encoded image (PNG, JPEG, BMP, GIF, TIFF, WebP…) to a grey float32 array.
+    """Decode an encoded PNG, JPEG, BMP, GIF, TIFF or WebP image to a grey float32 array.
 
     Returns a 2-D array in [0, 1] (0 = black) with any transparency flattened and EXIF
     orientation applied; images whose longer side exceeds ``MAX_WORKING_SIDE`` come back
@@ -120,7 +132,7 @@ def decode_image(
     """
     check_encoded_size(len(data), max_bytes)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
             _check_header(image, max_pixels)
             return _decode_opened(image)
     except Image.DecompressionBombError as exc:
@@ -130,8 +142,7 @@ def decode_image(
         ) from exc
     except UnidentifiedImageError as exc:
         raise UndecodableImageError("not a recognised image format") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError) as exc:
-        # Pillow's decoders report corrupt/truncated data through all of these.
+    except _PILLOW_DATA_ERRORS as exc:
         raise UndecodableImageError(f"corrupt or truncated image: {exc}") from exc
 
 
@@ -162,7 +173,8 @@ def _decode_opened(image: Image.Image) -> np.ndarray:
     factor = math.ceil(max(image.size) / MAX_WORKING_SIDE)
     if factor > 1:
         # JPEG can decode straight at 1/2, 1/4 or 1/8 scale: far less memory than full size.
-        image.draft("L", (image.size[0] // factor, image.size[1] // factor))
+        # At least 1 px a side: Pillow divides by the requested size (a 1x5000 JPEG asked for 0).
+        image.draft("L", (max(1, image.size[0] // factor), max(1, image.size[1] // factor)))
     image.load()
     _apply_exif_orientation(image)
     grey, alpha = _grey_bands(image)
@@ -206,6 +218,9 @@ def _grey_bands(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
 def _high_depth_grey(image: Image.Image) -> np.ndarray:
     """16/32-bit grey to [0, 1]; Pillow's own conversion to 8 bits clips instead of scaling."""
     values = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(values).all():
+        # As in array_to_grey: NaN would otherwise reach centre_digit's centre of mass.
+        raise UnsupportedImageError("floating-point image contains NaN or infinite values")
     if image.mode in _HIGH_DEPTH_MODES:
         full_scale = _HIGH_DEPTH_MODES[image.mode]
     else:

@@ -2,7 +2,8 @@
 
 Reports in the vocabulary of Jepsen's Kafka checker: **lost** (sent, confirmed, but neither a
 result row nor a dead letter), **duplicated** rows (one image id stored more than once),
-**unexpected** ids (stored but never sent). The pipeline promises no order between images, so
+**unexpected** ids (stored but never sent). Images whose publish was not confirmed are
+**indeterminate**: they may or may not arrive, and neither outcome is an error. The pipeline promises no order between images, so
 no order check applies. Invariant after every run: sent = result rows + dead letters, 0 lost,
 0 duplicated.
 
@@ -30,6 +31,7 @@ class CheckReport:
     lost: list[str] = field(default_factory=list)
     duplicated: dict[str, int] = field(default_factory=dict)
     unexpected: list[str] = field(default_factory=list)
+    indeterminate: int = 0
     labelled: int = 0
     correct: int = 0
 
@@ -44,7 +46,7 @@ class CheckReport:
     def summary(self) -> str:
         accuracy = f"{self.accuracy:.2%} of {self.labelled} labelled" if self.labelled else "n/a"
         return (f"sent {self.sent} | results {self.results} | dead letters {self.dead_letters} | "
-                f"lost {len(self.lost)} | duplicated rows {len(self.duplicated)} | unexpected {len(self.unexpected)} | "
+                f"lost {len(self.lost)} | indeterminate {self.indeterminate} | duplicated rows {len(self.duplicated)} | unexpected {len(self.unexpected)} | "
                 f"accuracy {accuracy} | {'OK' if self.ok else 'INVARIANT BROKEN'}")
 
 
@@ -65,18 +67,24 @@ def read_jsonl(path: Path) -> list[dict]:  # type: ignore[type-arg]
 def check(manifests: Iterable[Path], db_dir: Path) -> CheckReport:
     """Compare manifests with the DB directory's result and dead-letter files."""
     sent: dict[str, int | None] = {}
+    unconfirmed: set[str] = set()
     for manifest in manifests:
         for row in read_jsonl(Path(manifest)):
-            sent[str(row["image_id"])] = row.get("expected_label")
+            if row.get("confirmed", True):
+                sent[str(row["image_id"])] = row.get("expected_label")
+            else:
+                unconfirmed.add(str(row["image_id"]))
+    unconfirmed -= set(sent)
     results = read_jsonl(Path(db_dir) / RESULTS_FILE)
     letters = read_jsonl(Path(db_dir) / DEAD_LETTERS_FILE)
     result_counts = collections.Counter(str(r["image_id"]) for r in results)
     letter_ids = {str(r["id"]) for r in letters}
     labels = {str(r["image_id"]): r.get("label") for r in results}
-    report = CheckReport(sent=len(sent), results=len(result_counts), dead_letters=len(letter_ids))
+    report = CheckReport(sent=len(sent), results=len(result_counts),
+                         dead_letters=len(letter_ids), indeterminate=len(unconfirmed))
     report.lost = sorted(i for i in sent if i not in result_counts and i not in letter_ids)
     report.duplicated = {i: n for i, n in result_counts.items() if n > 1}
-    report.unexpected = sorted((set(result_counts) | letter_ids) - set(sent))
+    report.unexpected = sorted((set(result_counts) | letter_ids) - set(sent) - unconfirmed)
     for image_id, expected in sent.items():
         if expected is not None and image_id in labels:
             report.labelled += 1

@@ -42,9 +42,11 @@ class PipelineConfig:
     consume_max_wait: float
     max_attempts: int
     queue_dir: Path
+    queue_max_bytes: int | None
     publish_batch_size: int
     publish_max_wait: float
     db_dir: Path
+    db_max_bytes: int | None
     db_batch_size: int
     producer_batch_size: int
     producer_source: str
@@ -67,9 +69,11 @@ def load_config(path: str | Path | None = None, overrides: Mapping[tuple[str, st
         consume_max_wait=ini.get_int("model_server", "max_wait_ms", minimum=1) / 1000,
         max_attempts=ini.get_int("model_server", "max_attempts", minimum=1),
         queue_dir=_path(ini.get("model_server", "queue_dir", env="PIPELINE_QUEUE_DIR")),
+        queue_max_bytes=ini.get_int("model_server", "queue_max_bytes", env="PIPELINE_QUEUE_MAX_BYTES", minimum=0) or None,
         publish_batch_size=ini.get_int("result_publisher", "batch_size", minimum=1),
         publish_max_wait=ini.get_int("result_publisher", "max_wait_ms", minimum=1) / 1000,
         db_dir=_path(ini.get("results_db", "db_dir", env="PIPELINE_DB_DIR")),
+        db_max_bytes=ini.get_int("results_db", "max_bytes", env="PIPELINE_DB_MAX_BYTES", minimum=0) or None,
         db_batch_size=ini.get_int("results_db", "batch_size", minimum=1),
         producer_batch_size=ini.get_int("producer", "batch_size", minimum=1),
         producer_source=ini.get("producer", "source"),

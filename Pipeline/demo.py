@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from MessageBroker.local_brokers import LocalBroker, start_kafka, start_pubsub
-from Pipeline.checker import check
+from Pipeline.checker import check, read_jsonl
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"app_1": "app_1.py", "app_2": "app_2.py", "sub": "model_server_sub.py", "pub": "model_server_pub.py"}
@@ -51,10 +51,11 @@ class Stages:
     def command(self, script: str, *args: str) -> list[str]:
         return [sys.executable, str(PROJECT_ROOT / SCRIPTS[script]), *args]
 
-    def start(self, name: str, script: str, *args: str, pipe_stdout: bool = False) -> subprocess.Popen:  # type: ignore[type-arg]
+    def start(self, name: str, script: str, *args: str, pipe_stdout: bool = False,
+              env: dict[str, str] | None = None) -> subprocess.Popen:  # type: ignore[type-arg]
         """Start a long-running stage; stderr (and stdout unless piped) go to logs/<name>.log."""
         log = open(self.logs / f"{name}.log", "ab")
-        process = subprocess.Popen(self.command(script, *args), env=self.env, cwd=PROJECT_ROOT,
+        process = subprocess.Popen(self.command(script, *args), env={**self.env, **(env or {})}, cwd=PROJECT_ROOT,
                                    stdin=subprocess.DEVNULL, stderr=log,
                                    stdout=subprocess.PIPE if pipe_stdout else log)
         log.close()
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for result in (sent, broken):
             print("[3/4] app_1.py: " + result.stdout.strip().splitlines()[-1] if result.stdout.strip()
                   else f"app_1.py failed:\n{result.stderr}")
-        expected = sum(1 for line in manifest.read_text().splitlines() if line.strip()) if manifest.exists() else 0
+        expected = sum(bool(row.get("confirmed", True)) for row in read_jsonl(manifest))
         print(f"[4/4] predictions as they arrive ({expected} expected):")
         arrived = 0
         for row in follow(app_2, expected, args.timeout):

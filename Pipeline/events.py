@@ -107,30 +107,37 @@ class ResultEvent:
     def from_json(cls, data: bytes) -> ResultEvent:
         try:
             body = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
+            # ValueError covers bad UTF-8, bad JSON and integers over Python's 4300-digit
+            # limit; RecursionError, nesting deeper than the interpreter's recursion limit.
             raise EventError(f"result event is not JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise EventError("result event must be a JSON object")
         if str(body.get("schema_version")) != SCHEMA_VERSION:
             raise EventError(f"unsupported result schema_version {body.get('schema_version')!r}")
         try:
-            probabilities = tuple(float(p) for p in body["probabilities"])
+            probabilities = tuple(_number(p, "probabilities") for p in _list(body["probabilities"]))
             event = cls(
                 image_id=_valid_id(body["image_id"]),
-                label=int(body["label"]),
-                confidence=float(body["confidence"]),
+                label=_integer(body["label"], "label"),
+                confidence=_number(body["confidence"], "confidence"),
                 probabilities=probabilities,
                 model_version=str(body["model_version"]),
                 source=str(body.get("source", "")),
                 expected_label=_optional_label(body.get("expected_label")),
-                timings=dict(body.get("timings") or {}),
+                timings=_timings(body.get("timings")),
             )
         except KeyError as exc:
             raise EventError(f"result event lacks {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(Infinity), float(10**400)
             raise EventError(f"result event has a bad value: {exc}") from None
-        if not 0 <= event.label <= 9 or len(probabilities) != 10 or not all(map(math.isfinite, probabilities)):
-            raise EventError("result event must have a label 0-9 and ten finite probabilities")
+        if (
+            not 0 <= event.label <= 9
+            or len(probabilities) != 10
+            or not all(map(math.isfinite, probabilities))
+            or not math.isfinite(event.confidence)
+        ):
+            raise EventError("result event must have a label 0-9, ten finite probabilities and a finite confidence")
         return event
 
     def to_message(self) -> OutgoingMessage:
@@ -168,7 +175,7 @@ class DeadLetter:
         return cls(
             image_id=image_id[:MAX_ID_LENGTH],
             reason=attributes[DEAD_LETTER_REASON],
-            attempts=int(attributes.get(DEAD_LETTER_ATTEMPTS, "1") or 1),
+            attempts=_attempts(attributes.get(DEAD_LETTER_ATTEMPTS)),
             source_topic=attributes.get(DEAD_LETTER_SOURCE_TOPIC, ""),
             dead_lettered_at=attributes.get(DEAD_LETTER_TIME, ""),
             source=attributes.get("ce_source", ""),
@@ -217,8 +224,30 @@ def _check_type(attributes: Mapping[str, str], expected: str) -> None:
 def _valid_id(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise EventError("event lacks an image id (ce_id)")
-    if len(value) > MAX_ID_LENGTH or any(ch in value for ch in "\n\r\t"):
+    if len(value) > MAX_ID_LENGTH or any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
         raise EventError(f"image id is longer than {MAX_ID_LENGTH} characters or contains control characters")
+    if not value.isascii() and any("\ud800" <= ch <= "\udfff" for ch in value):
+        # A JSON "\ud800" escape decodes to a lone surrogate, which the message key cannot encode.
+        raise EventError("image id contains a lone surrogate (not valid Unicode)")
+    return value
+
+
+def _integer(value: object, name: str) -> int:
+    # JSON true/7.9 are not labels: bool is an int subclass and int() would truncate floats.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EventError(f"{name} must be a whole number, got {value!r:.40}")
+    return value
+
+
+def _number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EventError(f"{name} must be a number, got {value!r:.40}")
+    return float(value)
+
+
+def _list(value: object) -> list[object]:
+    if not isinstance(value, list):
+        raise EventError(f"probabilities must be a list, got {type(value).__name__}")
     return value
 
 
@@ -227,7 +256,7 @@ def _optional_label(value: object, *, strict: bool = True) -> int | None:
         return None
     try:
         label = int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
         if strict:
             raise EventError(f"expected_label must be 0-9, got {value!r}") from None
         return None
@@ -236,3 +265,30 @@ def _optional_label(value: object, *, strict: bool = True) -> int | None:
             raise EventError(f"expected_label must be 0-9, got {value!r}")
         return None
     return label
+
+
+def _timings(value: object) -> dict[str, Any]:
+    """A result's timings: names mapped to JSON scalars.
+
+    Nested values are refused: one nested nearly as deep as the parser allows would make
+    ``to_json`` (``asdict`` copies recursively) fail with RecursionError downstream.
+    """
+    if not value:
+        return {}
+    if not isinstance(value, dict) or not all(
+        item is None or isinstance(item, (str, int, float)) for item in value.values()
+    ):
+        raise EventError("result timings must be a JSON object of names to numbers or strings")
+    return dict(value)
+
+
+def _attempts(value: str | None) -> int:
+    """A dead letter's delivery count; a missing or garbled count reads as 1, as if absent.
+
+    Dead letters are stored even when damaged (like their labels), so that every input stays
+    accounted for; the count is informative only.
+    """
+    try:
+        return int(value or 1)
+    except (TypeError, ValueError, OverflowError):
+        return 1

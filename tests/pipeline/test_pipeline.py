@@ -7,49 +7,14 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 
-from Pipeline.checker import CheckReport, check, read_jsonl
-from Pipeline.demo import Stages, write_broken_samples
+from Pipeline.checker import check, read_jsonl
+from Pipeline.demo import write_broken_samples
+from tests.pipeline.helpers import send, start_pipeline, wait_for
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
-
-BROKERS = ["kafka", "pubsub"]
-
-
-@pytest.fixture(params=BROKERS)
-def stages(request, tmp_path) -> Stages:
-    local = request.getfixturevalue("kafka_broker" if request.param == "kafka" else "pubsub_emulator")
-    running = Stages(tmp_path, local.env, request.param, topic_prefix=f"t{uuid.uuid4().hex[:8]}_")
-    yield running
-    running.stop_all()
-
-
-def start_pipeline(stages: Stages) -> None:
-    stages.start("app_2", "app_2")
-    stages.start("sub", "sub")
-    stages.start("pub", "pub")
-
-
-def send(stages: Stages, *args: str, manifest: Path) -> None:
-    result = stages.run("app_1", "--manifest", str(manifest), *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-def wait_for(stages: Stages, manifests: list[Path], timeout: float = 300) -> CheckReport:
-    """Wait until every sent image is a result or a dead letter (or timeout); return the check."""
-    deadline = time.monotonic() + timeout
-    while True:
-        report = check(manifests, stages.db_dir)
-        if (report.results + report.dead_letters >= report.sent) or time.monotonic() > deadline:
-            return report
-        for name, process in stages.processes.items():
-            assert process.poll() is None, f"{name} exited early:\n{stages.log_tail(name)}"
-        time.sleep(0.5)
-
 
 def test_thousand_images_end_to_end(stages, tmp_path):
     from app_1 import dataset_items
