@@ -165,6 +165,8 @@ class _Loop:
                 retry += exhausted  # not acked: hand back, dead-letter again on a later delivery
         if retry:
             self.stats.retried += len(retry)
+            logger.warning("%d message(s) of %r handed back for another try: %s",
+                           len(retry), self.topic, _reason(failures[retry[0].id]))
             # Wait on the stop event, so a shutdown is not delayed by the backoff.
             self.stop.wait(self.backoff.delay(max(m.delivery_attempt for m in retry)))
             self.guard("nack", lambda: consumer.nack(retry))
