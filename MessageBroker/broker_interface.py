@@ -311,6 +311,16 @@ class BrokerInterface(abc.ABC):
     def _close(self, timeout: float) -> CloseReport:
         """Flush outstanding publishes (bounded by timeout) and release SDK resources."""
 
+    def _publish_many(self, topic: str, messages: Sequence[OutgoingMessage],
+                      timeout: float) -> list[str | BaseException | None]:
+        """Send a batch; per message its id, its error, or None if unconfirmed after ``timeout``.
+
+        Built on ``_publish_async``; a handler may override it with something cheaper.
+        """
+        futures = [self._publish_async(topic, message) for message in messages]
+        done, _ = concurrent.futures.wait(futures, timeout=timeout)
+        return [(f.exception() or f.result()) if f in done else None for f in futures]
+
     # -- publishing ---------------------------------------------------------------------
     def publish(
         self,
@@ -351,23 +361,19 @@ class BrokerInterface(abc.ABC):
         batch = [m if isinstance(m, OutgoingMessage) else OutgoingMessage.build(m) for m in messages]
         for message in batch:
             self._check_size(topic, message)
-        futures = [self._publish_async(topic, message) for message in batch]
-        done, _ = concurrent.futures.wait(futures, timeout=self.publish_timeout)
         ids: list[str | None] = []
         failures: list[tuple[int, str]] = []
         first_error: BaseException | None = None
-        for index, future in enumerate(futures):
-            if future not in done:
-                failures.append((index, f"not confirmed within {self.publish_timeout:g} s"))
-                ids.append(None)
+        for index, outcome in enumerate(self._publish_many(topic, batch, self.publish_timeout)):
+            if isinstance(outcome, str):
+                ids.append(outcome)
                 continue
-            error = future.exception()
-            if error is None:
-                ids.append(future.result())
+            ids.append(None)
+            if outcome is None:
+                failures.append((index, f"not confirmed within {self.publish_timeout:g} s"))
             else:
-                first_error = first_error or error
-                failures.append((index, str(error)))
-                ids.append(None)
+                first_error = first_error or outcome
+                failures.append((index, str(outcome)))
         if failures:
             # Errors that concern the whole batch keep their own type.
             if isinstance(first_error, (MessageTooLargeError, TopicNotFoundError)) and (

@@ -75,6 +75,9 @@ _AUTH_ERRORS = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILE
 _ALIASES = {"request.required.acks": "acks", "queue.buffering.max.ms": "linger.ms",
             "compression.codec": "compression.type", "message.timeout.ms": "delivery.timeout.ms",
             "sasl.mechanism": "sasl.mechanisms"}
+# After these the idempotent producer cannot go on: it has to be recreated.
+_PRODUCER_FATAL = {KafkaError._FATAL, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
+                   KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, KafkaError.UNKNOWN_PRODUCER_ID}
 _NOT_FOUND = {KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION}
 
 
@@ -151,15 +154,36 @@ class KafkaHandler(BrokerInterface):
         self._purged = 0
         self._admin_client: AdminClient | None = None
         self._producer_log = _ClientLog(settings, "producer")
-        config = {**settings.client, **settings.producer, **self._producer_log.hooks()}
-        try:
-            self._producer = confluent_kafka.Producer(config)
-        except (KafkaException, ValueError, TypeError) as exc:
-            raise settings.config_error(exc, {"producer": settings.producer, "security": settings.client}) from None
+        self._producer_lock = threading.Lock()
+        self._producer_broken = False
+        self._producer = self._new_producer()
         self._check_connection()
         self._poll_thread = threading.Thread(target=self._serve_delivery_reports, name="kafka-producer-poll",
                                              daemon=True)
         self._poll_thread.start()
+
+    def _new_producer(self) -> confluent_kafka.Producer:
+        settings = self.settings
+        config = {**settings.client, **settings.producer, **self._producer_log.hooks()}
+        try:
+            return confluent_kafka.Producer(config)
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise settings.config_error(exc, {"producer": settings.producer, "security": settings.client}) from None
+
+    def _replace_broken_producer(self) -> None:
+        """Swap in a new producer after a fatal idempotence error (librdkafka: it must be recreated).
+
+        Seen after a broker hang: the broker fences the producer's epoch and every later message
+        fails. Messages still queued in the old producer fail; their callers retry them.
+        """
+        with self._producer_lock:
+            if not self._producer_broken:
+                return
+            old, self._producer = self._producer, self._new_producer()
+            self._producer_broken = False
+        logger.warning("kafka producer hit a fatal error; replaced it with a new one")
+        old.purge(in_queue=True, in_flight=True, blocking=False)
+        old.flush(0)
 
     @classmethod
     def from_config(cls, path: Path | None = None, overrides: Mapping[tuple[str, str], str] | None = None) -> KafkaHandler:
@@ -314,6 +338,8 @@ class KafkaHandler(BrokerInterface):
                 self._require_topic(topic)
             except BrokerError as exc:
                 return exc
+        if self._producer_broken:
+            self._replace_broken_producer()
         headers = message.attributes
         headers = (headers if type(headers) is dict else dict(headers)) if headers else None
         give_up = None
@@ -336,6 +362,8 @@ class KafkaHandler(BrokerInterface):
 
     def _publish_error(self, topic: str, size: int, error: KafkaError) -> BrokerError:
         code = error.code()
+        if error.fatal() or code in _PRODUCER_FATAL:
+            self._producer_broken = True
         if code == KafkaError.MSG_SIZE_TOO_LARGE:
             return MessageTooLargeError(size, self.max_message_bytes, topic=topic)
         if code in _NOT_FOUND:
