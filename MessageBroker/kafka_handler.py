@@ -31,7 +31,9 @@ Spec sheet
   for it unless the client forbids it (we do); a group's first join and every rejoin take a few
   seconds (~session.timeout.ms / 2); a group whose leader leaves while the group re-forms never
   forms again until Tansu restarts (hence ``group.leave.settle.ms``: a closing consumer first
-  waits until its membership is settled); a group's assignor is fixed by its first member for
+  waits until its membership is settled, which sequential closes make safe but members closing
+  at the same instant can still race; a consumer whose group stays unformed for 90 s raises
+  ReceiveError instead of waiting forever); a group's assignor is fixed by its first member for
   Tansu's lifetime (others get ReceiveError naming the key); static membership
   (``group.instance.id``) never expires members; DescribeGroups answers placeholders.
 """
@@ -46,7 +48,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -55,11 +57,22 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from MessageBroker.broker_interface import (
-    BrokerInterface, Capabilities, CloseReport, Consumer, Message, OutgoingMessage,
+    BrokerInterface,
+    Capabilities,
+    CloseReport,
+    Consumer,
+    Message,
+    OutgoingMessage,
 )
 from MessageBroker.errors import (
-    AuthenticationError, BrokerConfigError, BrokerConnectionError, BrokerError, MessageTooLargeError,
-    PublishError, ReceiveError, TopicNotFoundError,
+    AuthenticationError,
+    BrokerConfigError,
+    BrokerConnectionError,
+    BrokerError,
+    MessageTooLargeError,
+    PublishError,
+    ReceiveError,
+    TopicNotFoundError,
 )
 from MessageBroker.settings import IniSettings
 
@@ -68,6 +81,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "kafka_config.ini"
 _FRAMING_BYTES = 4096  # record, header and batch overhead librdkafka counts on top of our size
 _POLL_SLICE = 0.2  # longest poll while holding the consumer lock, so close() never waits long
+_GROUP_WEDGED_AFTER = 90.0  # Tansu mode: a group not formed for this long never will
 _MISSING_TOPIC_TTL = 1.0  # remember a missing topic this long: a failing batch asks the broker once
 _SECRET_KEY = re.compile(r"password|secret|jaas|oauthbearer\.config", re.IGNORECASE)
 _AUTH_ERRORS = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED,
@@ -380,7 +394,7 @@ class KafkaHandler(BrokerInterface):
         while not self._closed:
             try:
                 self._producer.poll(0.1)
-            except Exception:  # noqa: BLE001 - keep serving reports whatever one callback did
+            except Exception:  # keep serving reports whatever one callback did
                 logger.exception("kafka delivery report callback failed")
 
     # -- consuming and closing ----------------------------------------------------------
@@ -474,7 +488,10 @@ class _KafkaConsumer(Consumer):
             self._kafka = confluent_kafka.Consumer(config)
         except (KafkaException, ValueError, TypeError) as exc:
             raise settings.config_error(exc, {"consumer": settings.consumer, "security": settings.client}) from None
-        self._settled_at: tuple[float, str, str] | None = None  # (when, group state, join state) while closing
+        # Membership as librdkafka last reported it (Tansu mode): (when, group state, join state),
+        # and since when it has not been settled.
+        self._membership: tuple[float, str, str] = (time.monotonic(), "", "")
+        self._unsettled_since: float | None = time.monotonic()
         self._kafka.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     # Rebalance callbacks run inside poll()/consume()/close(), i.e. under self._lock.
@@ -502,6 +519,8 @@ class _KafkaConsumer(Consumer):
                         return batch
                 if time.monotonic() >= deadline:
                     break
+        if self._settings.leave_settle:
+            self._check_group_forms()
         error = self._log.last_error
         if error is not None and error.code() == KafkaError.INCONSISTENT_GROUP_PROTOCOL:
             raise ReceiveError(f"group {self.group!r} was formed with another partition.assignment.strategy "
@@ -535,7 +554,7 @@ class _KafkaConsumer(Consumer):
             kind, millis = record.timestamp()
             if millis != millis_seen:
                 millis_seen = millis
-                published = (datetime.fromtimestamp(millis / 1000, timezone.utc)
+                published = (datetime.fromtimestamp(millis / 1000, UTC)
                              if kind != confluent_kafka.TIMESTAMP_NOT_AVAILABLE else None)
             headers = record.headers()
             append(Message(f"{number}:{offset}", topic, record.value() or b"", record.key(),
@@ -613,23 +632,36 @@ class _KafkaConsumer(Consumer):
             logger.warning("closing consumer of %s: %s", self.topic, exc)
 
     def _on_statistics(self, raw: str) -> None:
-        if self._settled_at is not None:
-            group = json.loads(raw).get("cgrp", {})
-            self._settled_at = (time.monotonic(), group.get("state", ""), group.get("join_state", ""))
+        group = json.loads(raw).get("cgrp", {})
+        now, join_state = time.monotonic(), group.get("join_state", "")
+        self._membership = (now, group.get("state", ""), join_state)
+        if join_state == "steady":
+            self._unsettled_since = None
+        elif self._unsettled_since is None:
+            self._unsettled_since = now
+
+    def _check_group_forms(self) -> None:
+        """Fail loudly instead of waiting forever in a group Tansu will never form again."""
+        unsettled = self._unsettled_since
+        if unsettled is not None and time.monotonic() - unsettled > _GROUP_WEDGED_AFTER:
+            raise ReceiveError(
+                f"group {self.group!r} has not formed for {_GROUP_WEDGED_AFTER:g} s: on Tansu this happens when "
+                "the group's leader left while the group was re-forming (a Tansu bug); restart the broker "
+                "or use another group name")
 
     def _settle_before_leaving(self) -> None:
         """Tansu wedges a group for good when its leader leaves while the group is (re)forming.
 
         So keep heartbeating for ``leave_settle`` (longer than a heartbeat interval: a rebalance
         another member started is noticed) and until librdkafka reports this member settled.
-        Messages fetched meanwhile are not committed: the group gets them again.
+        Messages fetched meanwhile are not committed: the group gets them again. Best effort:
+        members of one group closing at the same moment can still race.
         """
         started = time.monotonic()
         settle_from = started + self._settings.leave_settle
-        self._settled_at = (started, "up", "")
         give_up = settle_from + int(self._settings.consumer.get("session.timeout.ms", "45000")) / 1000
         while time.monotonic() < give_up:
             self._kafka.poll(0.1)
-            when, state, join_state = self._settled_at
-            if (when >= settle_from and join_state == "steady") or (when > started and state != "up"):
+            when, state, join_state = self._membership
+            if (when >= settle_from and join_state == "steady") or (when > started and state not in ("", "up")):
                 return  # settled, or no coordinator to leave anyway

@@ -55,15 +55,17 @@ class PipelineConfig:
 def load_config(path: str | Path | None = None, overrides: Mapping[tuple[str, str], str] | None = None) -> PipelineConfig:
     """Read and validate the settings; raises PipelineConfigError naming file and key."""
     chosen = Path(path or os.environ.get("PIPELINE_CONFIG") or DEFAULT_CONFIG)
+    # Separate runs on one broker (tests, staging) get groups of their own.
+    group_prefix = os.environ.get("PIPELINE_GROUP_PREFIX", "")
     ini = IniSettings(chosen, overrides={k: v for k, v in (overrides or {}).items() if v is not None},
                       error=PipelineConfigError)
     return PipelineConfig(
         path=chosen,
         images_topic=ini.get("topics", "images", env="PIPELINE_IMAGES_TOPIC"),
         results_topic=ini.get("topics", "results", env="PIPELINE_RESULTS_TOPIC"),
-        model_server_group=ini.get("groups", "model_server"),
-        results_group=ini.get("groups", "results_db"),
-        dead_letters_group=ini.get("groups", "dead_letters"),
+        model_server_group=group_prefix + ini.get("groups", "model_server"),
+        results_group=group_prefix + ini.get("groups", "results_db"),
+        dead_letters_group=group_prefix + ini.get("groups", "dead_letters"),
         checkpoint=_path(ini.get("model_server", "checkpoint", env="PIPELINE_MODEL_CHECKPOINT")),
         consume_batch_size=ini.get_int("model_server", "batch_size", minimum=1),
         consume_max_wait=ini.get_int("model_server", "max_wait_ms", minimum=1) / 1000,

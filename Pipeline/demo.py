@@ -46,6 +46,7 @@ class Stages:
         if topic_prefix:
             self.env["PIPELINE_IMAGES_TOPIC"] = f"{topic_prefix}new_image_topic"
             self.env["PIPELINE_RESULTS_TOPIC"] = f"{topic_prefix}inference_topic"
+            self.env["PIPELINE_GROUP_PREFIX"] = topic_prefix
         self.processes: dict[str, subprocess.Popen] = {}  # type: ignore[type-arg]
 
     def command(self, script: str, *args: str) -> list[str]:

@@ -30,9 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script
 
-from MessageBroker.broker_interface import BrokerInterface, OutgoingMessage  # noqa: E402
-from MessageBroker.errors import BrokerError  # noqa: E402
-from MessageBroker.message_broker_factory import MessageBrokerFactory  # noqa: E402
+from MessageBroker.broker_interface import BrokerInterface, OutgoingMessage
+from MessageBroker.errors import BrokerError
+from MessageBroker.message_broker_factory import MessageBrokerFactory
 
 BACKENDS = ("memory", "kafka", "pubsub")
 JOIN_TIMEOUT = 60.0  # longest wait for the first message (group join, subscription start)
