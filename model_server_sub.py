@@ -48,19 +48,30 @@ class ImageBatchHandler:
         outcomes = self._predict([event.image for _, event in events])
         predict_ms = (time.perf_counter() - started) * 1000 / max(1, len(events))
         records: list[bytes] = []
+        sources: list[Message] = []
         for (message, event), outcome in zip(events, outcomes):
             if isinstance(outcome, BaseException):
                 failures[message.id] = _as_failure(outcome)
                 continue
             records.append(self._result(event, outcome, predict_ms).to_json())
-        if records:
-            try:
-                self.queue.append_many(records)
-            except QueueWriteError as exc:
-                raise Retry(f"result queue refused the batch: {exc}") from exc
-        self.predicted += len(records)
+            sources.append(message)
+        queued, refused = self._enqueue(records)
+        for message in sources[queued:]:  # no room (yet): handed back, never dead-lettered
+            failures[message.id] = refused
+        self.predicted += queued
         self.rejected += sum(isinstance(f, Reject) for f in failures.values())
         return failures
+
+    def _enqueue(self, records: list[bytes]) -> tuple[int, Retry]:
+        """Queue as many results as fit (a capped queue takes part of a batch).
+
+        Returns how many were queued and the reason the rest were not.
+        """
+        try:
+            queued = self.queue.append_fitting(records) if records else 0
+        except QueueWriteError as exc:
+            return 0, Retry(f"result queue refused the batch: {exc}")
+        return queued, Retry(f"result queue full: {len(records) - queued} of {len(records)} results wait for space")
 
     def _predict(self, images: Sequence[bytes]) -> list[object]:
         """Predict a batch; if the whole batch fails, retry one by one to isolate the culprit."""

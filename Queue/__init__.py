@@ -4,6 +4,7 @@ Public API::
 
     FileQueueWriter(directory, *, segment_bytes=16 MiB, max_bytes=None)
         .append(payload) -> seq            .append_many(payloads) -> last seq (one fsync)
+        .append_fitting(payloads) -> how many of the first records fitted under max_bytes
     FileQueueReader(directory)
         .read(max_items=1000, timeout=0.0) -> list[QueueItem]
         .ack(up_to_seq)  .rewind()

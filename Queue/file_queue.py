@@ -79,7 +79,7 @@ from Queue.layout import (
     write_acked,
     write_all,
 )
-from Queue.record_format import MAX_PAYLOAD_BYTES, Stop, encode_batch
+from Queue.record_format import HEADER_SIZE, MAX_PAYLOAD_BYTES, Stop, encode_batch
 from Queue.wakeup import WakeupListener, WakeupSender
 
 logger = logging.getLogger(__name__)
@@ -153,18 +153,34 @@ class FileQueueWriter:
         batch = [_as_bytes(payload) for payload in payloads]
         with self._lock:
             self._check_open()
-            if not batch:
-                return self._next_seq - 1
-            self._check_payload_sizes(batch)
-            first_seq = self._next_seq
-            frames = encode_batch(first_seq, time.time_ns(), batch)
-            self._ensure_room(len(frames))
-            if self._needs_rollover(len(frames)):
-                self._roll_over()
-            self._write_batch(frames, len(batch))
-            self._next_seq = first_seq + len(batch)
-            self._wakeup.notify()
-            return self._next_seq - 1
+            return self._append_locked(batch)
+
+    def append_fitting(self, payloads: Sequence[bytes]) -> int:
+        """Append the longest prefix of ``payloads`` that fits under ``max_bytes``; return its length.
+
+        One durable group commit like ``append_many``. Raises ``QueueFullError`` when not even
+        the first record fits, so a batch larger than the whole cap still drains record by
+        record as the reader frees space instead of being refused forever. Without
+        ``max_bytes`` it is ``append_many`` returning ``len(payloads)``.
+        """
+        batch = [_as_bytes(payload) for payload in payloads]
+        with self._lock:
+            self._check_open()
+            if self.max_bytes is not None and batch:
+                sizes = [HEADER_SIZE + len(payload) for payload in batch]
+                room = self.max_bytes - self._bytes_estimate
+                if sum(sizes) > room:  # the estimate ignores what the reader reclaimed since
+                    self._reclaim_space()
+                    room = self.max_bytes - self._bytes_estimate
+                fitting = 0
+                for size in sizes:
+                    room -= size
+                    if room < 0:
+                        break
+                    fitting += 1
+                batch = batch[: max(1, fitting)]  # none fits: _ensure_room raises QueueFullError
+            self._append_locked(batch)
+            return len(batch)
 
     def close(self) -> None:
         """Release the files and the writer lock; idempotent. Appends after it raise."""
@@ -183,6 +199,20 @@ class FileQueueWriter:
         self.close()
 
     # ------------------------------------------------------------------------------- opening
+
+    def _append_locked(self, batch: list[bytes]) -> int:
+        if not batch:
+            return self._next_seq - 1
+        self._check_payload_sizes(batch)
+        first_seq = self._next_seq
+        frames = encode_batch(first_seq, time.time_ns(), batch)
+        self._ensure_room(len(frames))
+        if self._needs_rollover(len(frames)):
+            self._roll_over()
+        self._write_batch(frames, len(batch))
+        self._next_seq = first_seq + len(batch)
+        self._wakeup.notify()
+        return self._next_seq - 1
 
     def _open_tail(self) -> None:
         """Open (or create) the newest segment, truncating a torn tail left by a crash."""

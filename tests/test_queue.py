@@ -255,6 +255,27 @@ def child_hold_writer(directory: str) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_append_fitting_drains_a_batch_larger_than_the_cap(tmp_path: Path) -> None:
+    limit = 10_000
+    payloads = [payload_for(index, 1000) for index in range(25)]  # ~25 kB: never fits at once
+    stored: list[bytes] = []
+    with FileQueueWriter(tmp_path, segment_bytes=4_000, max_bytes=limit) as writer, FileQueueReader(tmp_path) as reader:
+        rest = payloads
+        while rest:
+            fitted = writer.append_fitting(rest)
+            assert 1 <= fitted < len(payloads)
+            assert queue_status(tmp_path).bytes_on_disk <= limit
+            rest = rest[fitted:]
+            if rest:  # the cap was filled as far as whole records go
+                with pytest.raises(QueueFullError):
+                    writer.append_fitting(rest)
+            items = drain(reader)
+            stored += [item.payload for item in items]
+            reader.ack(items[-1].seq)
+    assert stored == payloads  # every record once, in order
+
+
+@pytest.mark.timeout(30)
 def test_max_bytes_refuses_whole_batches_and_recovers_after_acks(tmp_path: Path) -> None:
     limit = 20_000
     with FileQueueWriter(tmp_path, segment_bytes=4_000, max_bytes=limit) as writer:
