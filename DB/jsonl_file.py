@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from DB.durable_io import write_all
 from DB.errors import DBRowError, DBWriteError
+from Durable.files import write_all
 
 logger = logging.getLogger(__name__)
 

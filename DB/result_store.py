@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from DB.durable_io import acquire_writer_lock, fsync_directory
-from DB.errors import DBClosedError, DBFullError
+from DB.errors import DBClosedError, DBFullError, DBLockedError
 from DB.jsonl_file import JsonlFile, PreparedRow, normalise_key
+from Durable.files import acquire_pid_lock, fsync_directory
 
 RESULTS_FILE = "results.jsonl"
 DEAD_LETTERS_FILE = "dead_letters.jsonl"
@@ -158,7 +158,12 @@ class ResultStore(ResultQueries):
         super().__init__(directory)
         self.max_bytes = max_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = acquire_writer_lock(self.directory / WRITER_LOCK_FILE)
+        self._lock_fd = acquire_pid_lock(
+            self.directory / WRITER_LOCK_FILE,
+            lambda holder: DBLockedError(
+                f"{self.directory} is already open for writing (pid {holder})"
+            ),
+        )
         try:
             self._open_for_append(RESULTS_FILE, self._results)
             self._open_for_append(DEAD_LETTERS_FILE, self._dead_letters)

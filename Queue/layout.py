@@ -13,8 +13,6 @@ segment's name - 1" bounds the seqs of a segment without reading it.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -23,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from Durable.files import acquire_pid_lock, fsync_directory, write_all
 from Queue.errors import QueueLockedError
 from Queue.record_format import ParseResult, RawRecord, Stop, parse_records
 
@@ -185,25 +184,6 @@ def write_acked(directory: Path, acked_seq: int) -> None:
     fsync_directory(directory)
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """Write every byte of ``data`` (os.write may write less than asked) or raise OSError."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written == 0:
-            raise OSError(errno.EIO, "write returned 0 bytes")
-        view = view[written:]
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make file creations, renames and deletions in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def acquire_role_lock(directory: Path, lock_name: str, role: str) -> int:
     """Take the exclusive, non-blocking flock of one role; returns its fd, to close on release.
 
@@ -211,15 +191,9 @@ def acquire_role_lock(directory: Path, lock_name: str, role: str) -> int:
     next one. Raises QueueLockedError naming the holder's pid when another process holds it.
     """
     path = directory / lock_name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise QueueLockedError(
+    return acquire_pid_lock(
+        path,
+        lambda holder: QueueLockedError(
             f"queue {directory} already has a {role} (pid {holder} holds {path})"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+        ),
+    )

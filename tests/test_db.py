@@ -6,11 +6,10 @@ This module is also the program of its child processes: ``python tests/test_db.p
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import random
-import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +33,10 @@ from DB import (  # noqa: E402
     ResultReader,
     ResultStore,
 )
+from tests import child_harness  # noqa: E402
+from tests.child_harness import can_mount_private_tmpfs  # noqa: E402
+
+spawn = functools.partial(child_harness.spawn, __file__)
 
 
 def result(image_id: object, label: int = 3, **extra: object) -> dict:
@@ -45,11 +48,6 @@ def lines_of(directory: Path, name: str = RESULTS_FILE) -> list[dict]:
     text = (directory / name).read_text(encoding="utf-8")
     assert text == "" or text.endswith("\n"), "torn last line"
     return [json.loads(line) for line in text.splitlines()]
-
-
-def spawn(role: str, *args: object, **popen: object) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, __file__, role, *map(str, args)], env=env, text=True, **popen)
 
 
 # ----------------------------------------------------------------------------- idempotency
@@ -328,52 +326,31 @@ def test_kernel_write_error_rolls_back_and_writes_recover(tmp_path: Path) -> Non
 
 
 def child_fsize_limit(directory: str) -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills us instead of EFBIG
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     store = ResultStore(directory)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, hard))
     path, returned, number = Path(directory) / RESULTS_FILE, [], 0
-    while True:
-        ids = [f"img-{number + n}" for n in range(10)]
-        size_before = path.stat().st_size
-        try:
-            store.add_results([result(image_id, blob="y" * 300) for image_id in ids])
-        except DBWriteError as exc:
-            error, size_after = exc.errno, path.stat().st_size
-            break
-        returned += ids
-        number += 10
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with child_harness.file_size_limit(32 * 1024):
+        while True:
+            ids = [f"img-{number + n}" for n in range(10)]
+            size_before = path.stat().st_size
+            try:
+                store.add_results([result(image_id, blob="y" * 300) for image_id in ids])
+            except DBWriteError as exc:
+                error, size_after = exc.errno, path.stat().st_size
+                break
+            returned += ids
+            number += 10
     assert store.add_results([result(image_id) for image_id in ids]) == AddOutcome(10, 0)
     store.close()
     print(json.dumps({"errno": error, "size_before_error": size_before,
                       "size_after_error": size_after, "returned_ids": returned + ids}))
 
 
-def _can_mount_private_tmpfs() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-         "mount -t tmpfs -o size=64k tmpfs /mnt"],
-        capture_output=True,
-    )
-    return probe.returncode == 0
-
-
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(not _can_mount_private_tmpfs(), reason="needs unshare + tmpfs in a user namespace")
+@pytest.mark.skipif(not can_mount_private_tmpfs(), reason="needs unshare + tmpfs in a user namespace")
 def test_disk_full_raises_typed_error_leaves_nothing_and_recovers(tmp_path: Path) -> None:
-    directory = tmp_path / "tiny"
-    directory.mkdir()
-    command = 'mount -t tmpfs -o size=128k tmpfs "$1" && exec "$2" "$3" disk-full "$1"'
-    completed = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", command, "sh",
-         str(directory), sys.executable, __file__],
-        env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=50,
+    report = child_harness.run_in_small_tmpfs(
+        __file__, "disk-full", tmp_path / "tiny", size="128k", timeout=50
     )
-    assert completed.returncode == 0, completed.stderr
-    report = json.loads(completed.stdout)
     assert report["errno"] == errno.ENOSPC
     assert report["unchanged"] and report["lines_whole"]
     assert report["rows_after_recovery"] == report["rows_before"] + 1
@@ -382,15 +359,7 @@ def test_disk_full_raises_typed_error_leaves_nothing_and_recovers(tmp_path: Path
 def child_disk_full(directory: str) -> None:
     store = ResultStore(directory)
     store.add_results([result(f"img-{n}") for n in range(20)])
-    ballast = Path(directory) / "ballast"
-    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
-    try:  # fill the file system up
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
+    ballast = child_harness.fill_file_system(directory)
     path = Path(directory) / RESULTS_FILE
     before = path.read_bytes()
     try:

@@ -6,11 +6,10 @@ This module is also the program of its child processes: ``python tests/test_queu
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import random
-import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +42,10 @@ from Queue.record_format import (  # noqa: E402
     encode_batch,
     parse_records,
 )
+from tests import child_harness  # noqa: E402
+from tests.child_harness import can_mount_private_tmpfs, run_in_small_tmpfs  # noqa: E402
+
+spawn = functools.partial(child_harness.spawn, __file__)
 
 
 def payload_for(index: int, size: int = 200) -> bytes:
@@ -53,13 +56,6 @@ def payload_for(index: int, size: int = 200) -> bytes:
 
 def segment_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.seg"))
-
-
-def spawn(role: str, *args: object, **popen: object) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen(
-        [sys.executable, __file__, role, *map(str, args)], env=env, text=True, **popen
-    )
 
 
 def drain(reader: FileQueueReader) -> list:
@@ -330,24 +326,21 @@ def test_kernel_write_error_rolls_back_the_batch_and_appends_recover(tmp_path: P
 
 
 def child_fsize_limit(directory: str) -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills us instead of EFBIG
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     writer = FileQueueWriter(directory, segment_bytes=1 << 30)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (CHILD_FSIZE_LIMIT, hard))
     returned = 0
     segment = max(Path(directory).glob("*.seg"))
-    while True:
-        size_before = segment.stat().st_size
-        batch = [payload_for(returned + offset, 700) for offset in range(7)]
-        try:
-            writer.append_many(batch)
-        except QueueWriteError as exc:
-            size_after = segment.stat().st_size
-            failed_first, failed_last = writer.appended_seq - len(batch) + 1, writer.appended_seq
-            error = exc.errno
-            break
-        returned += len(batch)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with child_harness.file_size_limit(CHILD_FSIZE_LIMIT):
+        while True:
+            size_before = segment.stat().st_size
+            batch = [payload_for(returned + offset, 700) for offset in range(7)]
+            try:
+                writer.append_many(batch)
+            except QueueWriteError as exc:
+                size_after = segment.stat().st_size
+                failed_first, failed_last = writer.appended_seq - len(batch) + 1, writer.appended_seq
+                error = exc.errno
+                break
+            returned += len(batch)
     recovered = writer.append_many([payload_for(returned + offset) for offset in range(3)])
     print(json.dumps({
         "errno": error,
@@ -360,33 +353,8 @@ def child_fsize_limit(directory: str) -> None:
     }))
 
 
-def _can_mount_private_tmpfs() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-         "mount -t tmpfs -o size=64k tmpfs /mnt"],
-        capture_output=True,
-    )
-    return probe.returncode == 0
-
-
-def run_in_small_tmpfs(script: str, role: str, directory: Path, size: str = "256k") -> dict:
-    """Run ``script ROLE DIR`` in a private mount namespace where DIR is a tiny tmpfs."""
-    directory.mkdir(parents=True, exist_ok=True)
-    command = 'mount -t tmpfs -o size="$1" tmpfs "$2" && exec "$3" "$4" "$5" "$2"'
-    completed = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", command, "sh",
-         size, str(directory), sys.executable, script, role],
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        capture_output=True, text=True, timeout=60,
-    )
-    assert completed.returncode == 0, completed.stderr
-    return json.loads(completed.stdout)
-
-
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(not _can_mount_private_tmpfs(), reason="needs unshare + tmpfs in a user namespace")
+@pytest.mark.skipif(not can_mount_private_tmpfs(), reason="needs unshare + tmpfs in a user namespace")
 def test_disk_full_raises_typed_error_leaves_nothing_and_recovers(tmp_path: Path) -> None:
     report = run_in_small_tmpfs(__file__, "disk-full", tmp_path / "tiny")
     assert report["errno"] == errno.ENOSPC
@@ -397,15 +365,7 @@ def test_disk_full_raises_typed_error_leaves_nothing_and_recovers(tmp_path: Path
 def child_disk_full(directory: str) -> None:
     writer = FileQueueWriter(directory)
     returned = [writer.append_many([payload_for(index) for index in range(50)])]
-    ballast = Path(directory) / "ballast"
-    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
-    try:  # fill the file system up
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
+    ballast = child_harness.fill_file_system(directory)
     segments_before = {path.name: path.stat().st_size for path in Path(directory).glob("*.seg")}
     try:
         writer.append_many([payload_for(index) for index in range(200)])

@@ -1,13 +1,12 @@
-"""Small file-system helpers for durable appends: full writes, directory fsync, the writer lock."""
+"""Small file-system helpers for durable appends: full writes, directory fsync, a pid lock file."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
-
-from DB.errors import DBLockedError
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -21,7 +20,7 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def fsync_directory(directory: Path) -> None:
-    """Make file creations and renames in ``directory`` durable."""
+    """Make file creations, renames and deletions in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -29,11 +28,13 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def acquire_writer_lock(path: Path) -> int:
+def acquire_pid_lock(path: Path, locked_error: Callable[[str], Exception]) -> int:
     """Take the exclusive, non-blocking flock at ``path``; returns its fd, to close on release.
 
-    The kernel drops the lock when the holder dies, so a SIGKILLed writer never blocks the
-    next one. Raises DBLockedError naming the holder's pid when another process holds it.
+    The file then holds this process's pid. The kernel drops the lock when the holder dies, so
+    a SIGKILLed holder never blocks the next one. When another process holds it, raises
+    ``locked_error(holder)``, ``holder`` being the pid read from the file (or "unknown"), so
+    each caller keeps its own error type and message.
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -41,7 +42,7 @@ def acquire_writer_lock(path: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise DBLockedError(f"{path.parent} is already open for writing (pid {holder})") from None
+        raise locked_error(holder) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
