@@ -78,19 +78,21 @@ class OutgoingMessage:
             key = key.encode("utf-8")
         elif key is not None and not isinstance(key, (bytes, bytearray)):
             raise TypeError(f"message key must be bytes or str, not {type(key).__name__}")
-        attrs = dict(attributes or {})
+        attrs = dict(attributes) if attributes else {}
         for name, value in attrs.items():
             if not isinstance(name, str) or not name or not isinstance(value, str):
                 raise TypeError(f"attributes must map non-empty str to str; got {name!r}: {value!r}")
-        return cls(bytes(data), bytes(key) if key is not None else None, attrs)
+        return cls(data if type(data) is bytes else bytes(data), bytes(key) if key is not None else None, attrs)
 
     def size(self) -> int:
         """Bytes counted against the backend's message size limit."""
-        attrs = sum(len(k.encode()) + len(v.encode()) for k, v in self.attributes.items())
-        return len(self.data) + len(self.key or b"") + attrs
+        size = len(self.data) + (len(self.key) if self.key else 0)
+        if self.attributes:
+            size += sum(len(k.encode()) + len(v.encode()) for k, v in self.attributes.items())
+        return size
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     """A received message. ``delivery_attempt`` is 1 on the first delivery this consumer saw."""
 
@@ -118,26 +120,40 @@ class CloseReport:
 
 
 class _AttemptCounter:
-    """Counts deliveries per message id in this consumer (bounded, oldest forgotten first).
+    """Counts deliveries of the messages this consumer handed back (bounded, oldest forgotten).
 
     Brokers do not all count deliveries (Kafka never does; Pub/Sub only with a dead-letter
-    policy), so the shared layer counts. Counts live in this process: after a crash a poison
-    message may get up to ``max_attempts`` more tries, never fewer.
+    policy), so the shared layer counts. Only messages that were handed back (``nack``, or a
+    rewind that takes unacked neighbours along) are tracked, so a stream without failures pays
+    one emptiness check per batch. Counts live in this process: after a crash a poison message
+    may get up to ``max_attempts`` more tries, never fewer.
     """
 
     def __init__(self, limit: int = 100_000):
-        self._counts: OrderedDict[str, int] = OrderedDict()
+        self._deliveries: dict[str, int] = {}  # message id -> deliveries so far
         self._limit = limit
 
-    def record(self, message_id: str, native: int) -> int:
-        count = max(self._counts.pop(message_id, 0) + 1, native)
-        self._counts[message_id] = count
-        if len(self._counts) > self._limit:
-            self._counts.popitem(last=False)
-        return count
+    def handed_back(self, message_id: str, deliveries: int = 1) -> None:
+        """Note that ``message_id``, delivered ``deliveries`` times, will come again."""
+        counts = self._deliveries
+        counts[message_id] = max(counts.pop(message_id, 0), deliveries)
+        if len(counts) > self._limit:
+            del counts[next(iter(counts))]
 
-    def forget(self, message_id: str) -> None:
-        self._counts.pop(message_id, None)
+    def redelivered(self, messages: Sequence[Message]) -> None:
+        """Set ``delivery_attempt`` of the handed-back messages among ``messages``."""
+        if not self._deliveries:
+            return
+        counts = self._deliveries
+        for message in messages:
+            before = counts.get(message.id)
+            if before is not None:
+                message.delivery_attempt = counts[message.id] = max(before + 1, message.delivery_attempt)
+
+    def forget(self, messages: Sequence[Message]) -> None:
+        if self._deliveries:
+            for message in messages:
+                self._deliveries.pop(message.id, None)
 
 
 class Consumer(abc.ABC):
@@ -182,8 +198,7 @@ class Consumer(abc.ABC):
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
         messages = self._receive(max_messages, max(0.0, timeout))
-        for message in messages:
-            message.delivery_attempt = self._attempts.record(message.id, message.delivery_attempt)
+        self._attempts.redelivered(messages)
         return messages
 
     def ack(self, messages: Message | Iterable[Message]) -> None:
@@ -192,14 +207,15 @@ class Consumer(abc.ABC):
         batch = _as_list(messages)
         if batch:
             self._ack(batch)
-            for message in batch:
-                self._attempts.forget(message.id)
+            self._attempts.forget(batch)
 
     def nack(self, messages: Message | Iterable[Message]) -> None:
         """Ask for messages to be delivered again (to this or another group member)."""
         self._check_open()
         batch = _as_list(messages)
         if batch:
+            for message in batch:
+                self._attempts.handed_back(message.id, message.delivery_attempt)
             self._nack(batch)
 
     def dead_letter(self, failures: Sequence[tuple[Message, str]]) -> None:

@@ -587,6 +587,8 @@ class _KafkaConsumer(Consumer):
             for number, offset in rewind.items():
                 partition = self._partitions[number]
                 later = {o for o in partition.outstanding if o > offset}  # delivered, unacked: come again
+                for again in later:
+                    self._attempts.handed_back(f"{number}:{again}")
                 # Offsets between the nacked one and the fetch position that are not outstanding
                 # were acked: remember them, so the refetch does not run them again.
                 partition.acked_ahead.update(set(range(offset + 1, partition.next_offset or offset)) - later)
