@@ -26,7 +26,10 @@ Row contract
     scalar, counted by ``label_counts``). Dead letters need ``id``. Values must be JSON
     (no NaN). Rows come back as the dicts that were stored.
 Limits
-    Linux/POSIX (flock). The index lives in memory: about 100 bytes per row.
+    Linux/POSIX (flock). The index lives in memory: about 25 bytes per row (measured 24.7 with
+    200,000 rows; a writer's resident memory grows 30-33 bytes per row): the row's place in
+    the file and a 64-bit hash of its key, confirmed by reading the row (``DB.key_index``).
+    At most 2**32 rows per file and 4 GiB per row.
 """
 
 from __future__ import annotations
@@ -80,14 +83,15 @@ class ResultQueries(abc.ABC):
         """The result row of ``image_id``, or None if there is none."""
         key = normalise_key(image_id)
         with self._reading():
-            if key not in self._results:
+            if not len(self._results):
                 return None
             return self._results.get(self._fds[RESULTS_FILE], key)
 
     def has(self, image_id: str | int) -> bool:
         """Whether a result row for ``image_id`` is stored."""
         with self._reading():
-            return normalise_key(image_id) in self._results
+            key = normalise_key(image_id)
+            return bool(len(self._results)) and self._results.contains(self._fds[RESULTS_FILE], key)
 
     def last(self, count: int) -> list[dict[str, Any]]:
         """The ``count`` most recently stored result rows, oldest first."""
@@ -200,7 +204,7 @@ class ResultStore(ResultQueries):
     def _add(self, name: str, table: JsonlFile, rows: Iterable[Mapping[str, Any]]) -> AddOutcome:
         with self._lock:
             self._check_open()
-            fresh, duplicates = table.prepare(rows)
+            fresh, duplicates = table.prepare(self._fds[name], rows)
             if fresh:
                 self._ensure_room(fresh)
                 table.append(self._fds[name], fresh)
