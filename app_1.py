@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from MessageBroker.errors import PublishError
-from MessageBroker.message_broker_factory import add_broker_arguments, create_from_args
+from MessageBroker.message_broker_factory import create_from_args
 from Pipeline import cli
 from Pipeline.config import load_config
 from Pipeline.events import ImageEvent, content_image_id, new_image_id
@@ -166,9 +166,8 @@ def watch(producer: Producer, directory: Path, stop: threading.Event, batch_size
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Publish images to the images topic.",
-                                     epilog="Exactly one source: FILE..., --count or --watch.")
-    add_broker_arguments(parser)
+    parser = cli.script_parser("Publish images to the images topic.",
+                               epilog="Exactly one source: FILE..., --count or --watch.")
     parser.add_argument("files", nargs="*", type=Path, metavar="FILE", help="image files to publish")
     parser.add_argument("--count", type=int, help="publish this many MNIST images from the dataset")
     parser.add_argument("--watch", type=Path, metavar="DIR", help="publish new files in DIR until Ctrl-C")
@@ -181,9 +180,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--id-from-content", action="store_true",
                         help="id = hash of the image bytes, so the same image always gets the same id")
     parser.add_argument("--manifest", type=Path, help="append a JSON line per confirmed image to this file")
-    parser.add_argument("--config", metavar="INI", help="pipeline settings (default: Pipeline/pipeline_config.ini)")
     parser.add_argument("--batch-size", type=int, help="images per publish batch (default: [producer] batch_size)")
-    cli.add_logging_argument(parser)
     args = parser.parse_args(argv)
     if sum(bool(x) for x in (args.files, args.count, args.watch)) != 1:
         parser.error("give exactly one source: FILE..., --count N or --watch DIR")

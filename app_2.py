@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from DB import DBWriteError, ResultReader, ResultStore
 from MessageBroker.broker_interface import Message
 from MessageBroker.consume_loop import Reject, Retry
-from MessageBroker.message_broker_factory import add_broker_arguments, create_from_args
+from MessageBroker.message_broker_factory import create_from_args
 from Pipeline import cli
 from Pipeline.config import load_config
 from Pipeline.events import DeadLetter, EventError, ResultEvent
@@ -119,10 +119,7 @@ def _run_until_stopped(broker, topic, handler, group, stop, options) -> None:  #
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Store prediction results in the text-file DB (default), or query it.")
-    add_broker_arguments(parser)
-    parser.add_argument("--config", metavar="INI", help="pipeline settings (default: Pipeline/pipeline_config.ini)")
+    parser = cli.script_parser("Store prediction results in the text-file DB (default), or query it.")
     parser.add_argument("--db-dir", help="DB directory (default: [results_db] db_dir)")
     parser.add_argument("--echo", action="store_true", help="print every stored row as a JSON line on stdout")
     queries = parser.add_argument_group("query mode (no broker needed)")
@@ -131,7 +128,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     queries.add_argument("--counts", action="store_true", help="print the number of results per label")
     queries.add_argument("--dead-letters", action="store_true", help="print the dead letters with their reasons")
     queries.add_argument("--summary", action="store_true", help="print counts of results, dead letters and labels")
-    cli.add_logging_argument(parser)
     return parser.parse_args(argv)
 
 

@@ -9,13 +9,14 @@ in the queue. Waiting for new items is event-driven (the queue writer wakes the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import threading
 
 from MessageBroker.broker_interface import OutgoingMessage
 from MessageBroker.errors import BrokerError
-from MessageBroker.message_broker_factory import add_broker_arguments, create_from_args
+from MessageBroker.message_broker_factory import create_from_args
 from Pipeline import cli
 from Pipeline.config import load_config
 from Pipeline.events import EventError, ResultEvent
@@ -82,13 +83,10 @@ class ResultPublisher:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Publish the model server's queued results to the results topic, removing them once confirmed.")
-    add_broker_arguments(parser)
-    parser.add_argument("--config", metavar="INI", help="pipeline settings (default: Pipeline/pipeline_config.ini)")
+    parser = cli.script_parser(
+        "Publish the model server's queued results to the results topic, removing them once confirmed.")
     parser.add_argument("--queue-dir", help="the queue to drain (default: [model_server] queue_dir)")
     parser.add_argument("--batch-size", type=int, help="most results per publish batch (default: [result_publisher] batch_size)")
-    cli.add_logging_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -99,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         ("model_server", "queue_dir"): args.queue_dir,
         ("result_publisher", "batch_size"): None if args.batch_size is None else str(args.batch_size)})
     broker = create_from_args(args)
-    reader = None
-    try:
-        reader = FileQueueReader(config.queue_dir)
+    with contextlib.closing(broker), contextlib.closing(FileQueueReader(config.queue_dir)) as reader:
         broker.create_topic(config.results_topic)
         broker.ensure_subscription(config.results_topic, config.results_group)
         publisher = ResultPublisher(reader, broker, config.results_topic,
@@ -111,10 +107,6 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("publishing queue %s to %r", config.queue_dir, config.results_topic)
         publisher.run()
         logger.info("stopped: %d results published", publisher.published)
-    finally:
-        if reader is not None:
-            reader.close()
-        broker.close()
     return 0
 
 

@@ -11,13 +11,14 @@ instances (each with its own ``--queue-dir`` and ``model_server_pub.py``) to sha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
 
 from MessageBroker.broker_interface import Message
 from MessageBroker.consume_loop import Reject, Retry
-from MessageBroker.message_broker_factory import add_broker_arguments, create_from_args
+from MessageBroker.message_broker_factory import create_from_args
 from Pipeline import cli
 from Pipeline.config import load_config
 from Pipeline.failpoints import wrap_predictor
@@ -111,16 +112,13 @@ def _as_failure(outcome: BaseException) -> BaseException:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Consume image events, predict them in micro-batches with the CNN and queue the results durably.")
-    add_broker_arguments(parser)
-    parser.add_argument("--config", metavar="INI", help="pipeline settings (default: Pipeline/pipeline_config.ini)")
+    parser = cli.script_parser(
+        "Consume image events, predict them in micro-batches with the CNN and queue the results durably.")
     parser.add_argument("--queue-dir", help="this server's result queue directory (default: [model_server] queue_dir)")
     parser.add_argument("--checkpoint", help="model checkpoint (.h5 or .keras) (default: [model_server] checkpoint)")
     parser.add_argument("--batch-size", type=int, help="most images per micro-batch (default: [model_server] batch_size)")
     parser.add_argument("--max-wait-ms", type=int, help="longest wait for a batch's first image (default: [model_server] max_wait_ms)")
     parser.add_argument("--max-attempts", type=int, help="tries before a failing image is dead-lettered (default: [model_server] max_attempts)")
-    cli.add_logging_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -137,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     predictor = wrap_predictor(Predictor.load(config.checkpoint))
     logger.info("model %s loaded from %s", predictor.model_version, config.checkpoint)
     broker = create_from_args(args)
-    queue = None
-    try:
-        queue = FileQueueWriter(config.queue_dir, max_bytes=config.queue_max_bytes)
+    with contextlib.closing(broker), contextlib.closing(
+            FileQueueWriter(config.queue_dir, max_bytes=config.queue_max_bytes)) as queue:
         images = config.images_topic
         dead_letters = broker.dead_letter_topic(images)
         for topic in (images, dead_letters):
@@ -154,10 +151,6 @@ def main(argv: list[str] | None = None) -> int:
             max_outstanding=2 * config.consume_batch_size)
         logger.info("stopped: %d received, %d predicted and queued, %d dead-lettered, %d retried",
                     stats.received, handler.predicted, stats.dead_lettered, stats.retried)
-    finally:
-        if queue is not None:
-            queue.close()
-        broker.close()
     return 0
 
 

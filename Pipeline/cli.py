@@ -1,7 +1,8 @@
-"""What the four entry scripts share on the console: logging set-up and clean error exits."""
+"""What the four entry scripts share: common options, logging set-up and clean error exits."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -25,9 +26,16 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def add_logging_argument(parser) -> None:  # type: ignore[no-untyped-def]
+def script_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A script's parser with what every stage takes: broker choice, pipeline settings, log level."""
+    from MessageBroker.message_broker_factory import add_broker_arguments
+
+    parser = argparse.ArgumentParser(description=description, epilog=epilog)
+    add_broker_arguments(parser)
+    parser.add_argument("--config", metavar="INI", help="pipeline settings (default: Pipeline/pipeline_config.ini)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="console log level (default: INFO)")
+    return parser
 
 
 def run(main: Callable[[], int]) -> None:
