@@ -14,7 +14,10 @@ Local brokers are started here (Tansu for kafka, Google's emulator for pubsub) a
 the end; a backend that cannot run is reported as skipped.
 
     python benchmarks/bench_brokers.py [--backends memory,kafka,pubsub] [--count 100000]
-                                       [--size 800] [--chunk 1000] [--batch 500]
+                                       [--size 800] [--chunk 1000] [--batch 500] [--rounds 3]
+
+Each backend runs ``--rounds`` times (the bare client right after each of our rounds) and the
+medians are compared, so one noisy round does not decide the ratio.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -77,7 +81,7 @@ def bench_api(broker: BrokerInterface, messages: list[bytes], chunk: int,
     Returns (publish_batch/s, publish_async/s, consume/s, topic); the consumer reads the
     messages of the publish_batch run.
     """
-    topic, group = f"bench_{uuid.uuid4().hex[:8]}", "bench"
+    topic, group = f"bench_{uuid.uuid4().hex[:8]}", f"bench_{uuid.uuid4().hex[:8]}"
     spare = f"bench_async_{uuid.uuid4().hex[:8]}"
     for name in (topic, spare):
         broker.create_topic(name)
@@ -148,7 +152,7 @@ def bench_bare_kafka(broker: BrokerInterface, messages: list[bytes], batch: int,
     published = rate(len(messages), time.perf_counter() - started)
     if left or failures:
         raise SystemExit(f"bare producer: {left} left, {len(failures)} failed ({failures[:1]})")
-    consumer = confluent_kafka.Consumer({**settings.client, **settings.consumer, "group.id": "bench_bare"})
+    consumer = confluent_kafka.Consumer({**settings.client, **settings.consumer, "group.id": f"bench_bare_{uuid.uuid4().hex[:8]}"})
     consumer.subscribe([read_topic])
 
     def receive() -> list:
@@ -165,6 +169,31 @@ def bench_bare_kafka(broker: BrokerInterface, messages: list[bytes], batch: int,
     return published, consumed
 
 
+def bench_backend(name: str, broker: BrokerInterface, messages: list[bytes], args: argparse.Namespace) -> None:
+    """``args.rounds`` rounds of our API (and, on Kafka, the bare client right after each);
+    prints every round and, with more than one, the medians and their ratio."""
+    ours, bare = [], []
+    for round_ in range(1, args.rounds + 1):
+        label = f" r{round_}" if args.rounds > 1 else ""
+        published, pipelined, consumed, topic = bench_api(broker, messages, args.chunk, args.batch)
+        ours.append((published, pipelined, consumed))
+        print(f"{name + ' (our API)' + label:<22}{published:>15,.0f}{pipelined:>15,.0f}{consumed:>15,.0f}", flush=True)
+        if name == "kafka":
+            bare_published, bare_consumed = bench_bare_kafka(broker, messages, args.batch, topic)
+            bare.append((bare_published, bare_published, bare_consumed))
+            print(f"{'kafka (bare client)' + label:<22}{bare_published:>15,.0f}{bare_published:>15,.0f}"
+                  f"{bare_consumed:>15,.0f}", flush=True)
+    if args.rounds > 1:
+        mine = [statistics.median(column) for column in zip(*ours)]
+        print(f"{name + ' (ours, median)':<22}" + "".join(f"{value:>15,.0f}" for value in mine))
+    if bare:
+        theirs = [statistics.median(column) for column in zip(*bare)]
+        if args.rounds > 1:
+            print(f"{'kafka (bare, median)':<22}" + "".join(f"{value:>15,.0f}" for value in theirs))
+        mine = [statistics.median(column) for column in zip(*ours)]
+        print(f"{'  bare / ours':<22}" + "".join(f"{b / o:>15.2f}" for b, o in zip(theirs, mine)), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default=",".join(BACKENDS),
@@ -173,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=800, help="message size in bytes (default 800)")
     parser.add_argument("--chunk", type=int, default=1000, help="messages per publish_batch call (default 1000)")
     parser.add_argument("--batch", type=int, default=500, help="messages per receive call (default 500)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repetitions per backend; medians are compared (default 3)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     chosen = [name.strip() for name in args.backends.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(BACKENDS))
     if unknown:
@@ -187,15 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             with local_broker(name):
                 broker = MessageBrokerFactory.create(name)
                 try:
-                    published, pipelined, consumed, topic = bench_api(broker, messages, args.chunk, args.batch)
-                    print(f"{name + ' (our API)':<22}{published:>15,.0f}{pipelined:>15,.0f}{consumed:>15,.0f}",
-                          flush=True)
-                    if name == "kafka":
-                        bare_published, bare_consumed = bench_bare_kafka(broker, messages, args.batch, topic)
-                        print(f"{'kafka (bare client)':<22}{bare_published:>15,.0f}{bare_published:>15,.0f}"
-                              f"{bare_consumed:>15,.0f}")
-                        print(f"{'  bare / ours':<22}{bare_published / published:>15.2f}"
-                              f"{bare_published / pipelined:>15.2f}{bare_consumed / consumed:>15.2f}", flush=True)
+                    bench_backend(name, broker, messages, args)
                 finally:
                     broker.close()
         except (BrokerError, ImportError) as exc:
