@@ -10,6 +10,7 @@ import configparser
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from MessageBroker.errors import BrokerConfigError
 
@@ -53,28 +54,28 @@ class IniSettings:
         raise self._error(f"missing setting{hint}", file=str(self.path), key=f"{section}.{key}")
 
     def get_int(self, section: str, key: str, *, env: str | None = None, default: object = _MISSING,
-                minimum: int | None = None) -> int:
+                minimum: int | None = None, maximum: int | None = None) -> int:
+        """``get`` as a whole number within [minimum, maximum]; errors name file and key."""
+        return self._number(int, "a whole number", section, key, env, default, minimum, maximum)
+
+    def get_float(self, section: str, key: str, *, env: str | None = None, default: object = _MISSING,
+                  minimum: float | None = None, maximum: float | None = None) -> float:
+        """``get`` as a number within [minimum, maximum]; errors name file and key."""
+        return self._number(float, "a number", section, key, env, default, minimum, maximum)
+
+    def _number(self, kind: type, described: str, section: str, key: str, env: str | None, default: object,
+                minimum: float | None, maximum: float | None) -> Any:
         raw = self.get(section, key, env=env, default=default)
         try:
-            value = int(raw)
+            value = kind(raw)
         except (TypeError, ValueError):
-            raise self._error(f"expected a whole number, got {raw!r}", file=str(self.path),
+            raise self._error(f"expected {described}, got {raw!r}", file=str(self.path),
                               key=f"{section}.{key}") from None
         if minimum is not None and value < minimum:
             raise self._error(f"must be at least {minimum}, got {value}", file=str(self.path),
                               key=f"{section}.{key}")
-        return value
-
-    def get_float(self, section: str, key: str, *, env: str | None = None, default: object = _MISSING,
-                  minimum: float | None = None) -> float:
-        raw = self.get(section, key, env=env, default=default)
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            raise self._error(f"expected a number, got {raw!r}", file=str(self.path),
-                              key=f"{section}.{key}") from None
-        if minimum is not None and value < minimum:
-            raise self._error(f"must be at least {minimum}, got {value}", file=str(self.path),
+        if maximum is not None and value > maximum:
+            raise self._error(f"must be at most {maximum}, got {value}", file=str(self.path),
                               key=f"{section}.{key}")
         return value
 
