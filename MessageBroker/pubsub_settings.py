@@ -17,6 +17,7 @@ from MessageBroker.errors import BrokerConfigError
 from MessageBroker.settings import IniSettings
 
 SERVER_MAX_REQUEST_BYTES = 10_000_000
+PULL_MODES = ("unary", "streaming")
 _PROJECT_ID = re.compile(r"^(?:[a-z][a-z0-9.-]*:)?[a-z][a-z0-9-]{0,61}[a-z0-9]$")
 
 
@@ -36,6 +37,7 @@ class PubSubSettings:
     batch_max_latency: float = 0.01
     max_attempts: int = 5
     dead_letter_suffix: str = ".dlq"
+    pull: str = "unary"  # or "streaming"
     source: str = "arguments"
 
 
@@ -62,8 +64,12 @@ def read_config(path: Path, overrides: Mapping[tuple[str, str], str] | None = No
         project_id=ini.get("pubsub", "project_id", env=project_env, default=""),
         emulator_host=ini.get("pubsub", "emulator_host", env="PUBSUB_EMULATOR_HOST", default=""),
         dead_letter_suffix=ini.get("pubsub", "dead_letter_suffix", default=".dlq"),
+        pull=ini.get("pubsub", "pull", env="PUBSUB_PULL", default="unary").lower(),
         source=str(ini.path),
     )
+    if settings.pull not in PULL_MODES:
+        raise BrokerConfigError(f"pull must be one of {', '.join(PULL_MODES)}, not {settings.pull!r}",
+                                file=settings.source, key="pubsub.pull")
     for attribute, key, kind, low, high in _NUMBERS:
         read = ini.get_int if kind is int else ini.get_float
         value = read("pubsub", key, default=str(getattr(PubSubSettings, attribute)), minimum=low, maximum=high)

@@ -21,7 +21,8 @@ from MessageBroker.local_brokers import LocalBroker, start_kafka, start_pubsub
 from MessageBroker.message_broker_factory import MessageBrokerFactory
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ["memory", "kafka", "pubsub"]
+# "pubsub-streaming" is the Pub/Sub handler with ``pull = streaming`` (the SDK's streaming pull).
+BACKENDS = ["memory", "kafka", "pubsub", "pubsub-streaming"]
 
 
 @pytest.fixture(scope="session")
@@ -46,23 +47,29 @@ class Backend:
     env: dict[str, str] = field(default_factory=dict)
     _opened: list[BrokerInterface] = field(default_factory=list)
 
+    @property
+    def broker(self) -> str:
+        """The factory's name for this backend's handler."""
+        return self.name.split("-")[0]
+
     def overrides(self) -> dict[tuple[str, str], str]:
-        if self.name == "kafka":
+        if self.broker == "kafka":
             return {("kafka", "bootstrap.servers"): self.env["KAFKA_BOOTSTRAP_SERVERS"]}
-        if self.name == "pubsub":
+        if self.broker == "pubsub":
             return {("pubsub", "emulator_host"): self.env["PUBSUB_EMULATOR_HOST"],
-                    ("pubsub", "project_id"): self.env["PUBSUB_PROJECT_ID"]}
+                    ("pubsub", "project_id"): self.env["PUBSUB_PROJECT_ID"],
+                    ("pubsub", "pull"): self.env["PUBSUB_PULL"]}
         return {}
 
     def make(self) -> BrokerInterface:
         """A new connected handler; closed at the end of the test."""
-        broker = MessageBrokerFactory.create(self.name, overrides=self.overrides())
+        broker = MessageBrokerFactory.create(self.broker, overrides=self.overrides())
         self._opened.append(broker)
         return broker
 
     def subprocess_env(self) -> dict[str, str]:
         """Environment for a child process that should reach the same broker."""
-        return {**os.environ, **self.env, "MESSAGE_BROKER": self.name,
+        return {**os.environ, **self.env, "MESSAGE_BROKER": self.broker,
                 "PYTHONPATH": str(PROJECT_ROOT)}
 
     def close_all(self) -> None:
@@ -77,8 +84,9 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     env: dict[str, str] = {}
     if name == "kafka":
         env = request.getfixturevalue("kafka_broker").env
-    elif name == "pubsub":
-        env = request.getfixturevalue("pubsub_emulator").env
+    elif name.startswith("pubsub"):
+        env = {**request.getfixturevalue("pubsub_emulator").env,
+               "PUBSUB_PULL": "streaming" if name == "pubsub-streaming" else "unary"}
     else:
         InMemoryHandler.reset()
     chosen = Backend(name, dict(env))
