@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 
-from DB import DBWriteError, ResultReader, ResultStore
+from DB import DBFullError, DBWriteError, ResultReader, ResultStore
 from MessageBroker.broker_interface import Message
 from MessageBroker.consume_loop import Reject, Retry
 from MessageBroker.message_broker_factory import create_from_args
@@ -38,23 +38,43 @@ class RowWriter:
 
     def __call__(self, batch: list[Message]) -> Mapping[str, BaseException]:
         failures: dict[str, BaseException] = {}
-        rows = []
+        rows, sources = [], []
         for message in batch:
             try:
                 rows.append(self.decode(message))
+                sources.append(message)
             except EventError as exc:
                 failures[message.id] = Reject(f"invalid {self.kind} event: {exc}")
-        try:
-            outcome = self.store_rows(rows)
-        except DBWriteError as exc:
-            raise Retry(f"DB refused the batch: {exc}") from exc
-        self.written += outcome.written
-        self.duplicates += outcome.duplicates
-        if self.echo and rows:
+        stored, refused = self._store(rows)
+        for message in sources[stored:]:  # no room (yet): handed back, never dead-lettered
+            failures[message.id] = refused
+        if self.echo and stored:
             with self._print_lock:
-                for row in rows:
+                for row in rows[:stored]:
                     print(json.dumps({"kind": self.kind, **row}), flush=True)
         return failures
+
+    def _store(self, rows: list[dict]) -> tuple[int, Retry]:  # type: ignore[type-arg]
+        """Store ``rows``, or the longest halving of them a size-capped DB still takes.
+
+        Returns how many leading rows are stored and the reason the rest are not. A refused
+        write changes nothing, so trying a shorter prefix is safe.
+        """
+        count = len(rows)
+        while count:
+            try:
+                outcome = self.store_rows(rows[:count])
+            except DBFullError as exc:
+                if count == 1:
+                    return 0, Retry(f"DB refused the batch: {exc}")
+                count //= 2
+                continue
+            except DBWriteError as exc:
+                return 0, Retry(f"DB refused the batch: {exc}")
+            self.written += outcome.written
+            self.duplicates += outcome.duplicates
+            break
+        return count, Retry(f"DB full: {len(rows) - count} of {len(rows)} rows wait for space")
 
 
 def query(args: argparse.Namespace, db_dir) -> int:  # type: ignore[no-untyped-def]

@@ -137,11 +137,12 @@ def test_missing_or_corrupt_model_fails_clearly_and_consumes_nothing(stages, tmp
 
 
 def test_queue_full_holds_back_then_recovers(stages, tmp_path):
-    # A cap smaller than one full micro-batch of results: batches must go in part by part.
     stages.start("app_2", "app_2")
-    stages.start("sub", "sub", env={"PIPELINE_QUEUE_MAX_BYTES": "60000"})
     manifest = tmp_path / "manifest.jsonl"
     send(stages, "--count", "400", manifest=manifest)
+    # The images wait on the topic, so the first micro-batch (256 results, ~100 kB) is larger
+    # than the whole cap: it must go in part by part, not be refused forever.
+    stages.start("sub", "sub", env={"PIPELINE_QUEUE_MAX_BYTES": "60000"})
     # No publisher yet: the queue fills to its cap, and the model server must wait, not drop.
     wait_until(lambda: "queue refused" in stages.log_tail("sub", 20000), 120, "the queue to fill")
     assert results_so_far(stages) == 0
@@ -151,11 +152,14 @@ def test_queue_full_holds_back_then_recovers(stages, tmp_path):
 
 
 def test_db_full_holds_back_then_recovers(stages, tmp_path):
-    stages.start("app_2", "app_2", env={"PIPELINE_DB_MAX_BYTES": "50000"})
     stages.start("sub", "sub")
     stages.start("pub", "pub")
     manifest = tmp_path / "manifest.jsonl"
     send(stages, "--count", "300", manifest=manifest)
+    # All 300 results wait on the topic first, so app_2's first batch is larger than the
+    # whole cap (~45 rows): it must store what fits, not refuse the batch forever.
+    wait_until(lambda: queue_status(stages.queue_dir).acked_seq >= 300, 120, "all results to be published")
+    stages.start("app_2", "app_2", env={"PIPELINE_DB_MAX_BYTES": "20000"})
     wait_until(lambda: "DB refused" in stages.log_tail("app_2", 20000), 120, "the DB to fill")
     stored = results_so_far(stages)
     assert 0 < stored < 300
