@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +50,6 @@ class StreamingPubSubConsumer(Consumer):
 
     def _receive(self, max_messages: int, timeout: float) -> list[Message]:
         received: list[Any] = []
-        deadline = time.monotonic() + timeout
         try:
             received.append(self._inbox.get(timeout=max(0.0, timeout)))
             while len(received) < max_messages:
@@ -60,8 +58,6 @@ class StreamingPubSubConsumer(Consumer):
             pass
         if not received:
             self._raise_if_stream_failed()
-            if time.monotonic() < deadline:  # the stream ended early: do not spin
-                time.sleep(max(0.0, deadline - time.monotonic()))
             return []
         self._held.update((item.ack_id, item) for item in received)
         return [self._convert(item) for item in received]
