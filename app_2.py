@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 
-from DB import DBFullError, DBWriteError, ResultReader, ResultStore
+from DB import DBWriteError, ResultReader, ResultStore
 from MessageBroker.broker_interface import Message
 from MessageBroker.consume_loop import Reject, Retry
 from MessageBroker.message_broker_factory import create_from_args
@@ -55,26 +55,18 @@ class RowWriter:
         return failures
 
     def _store(self, rows: list[dict]) -> tuple[int, Retry]:  # type: ignore[type-arg]
-        """Store ``rows``, or the longest halving of them a size-capped DB still takes.
+        """Store as many leading rows as fit (a size-capped DB takes part of a batch).
 
-        Returns how many leading rows are stored and the reason the rest are not. A refused
-        write changes nothing, so trying a shorter prefix is safe.
+        Returns how many were stored (or were duplicates) and the reason the rest were not.
         """
-        count = len(rows)
-        while count:
-            try:
-                outcome = self.store_rows(rows[:count])
-            except DBFullError as exc:
-                if count == 1:
-                    return 0, Retry(f"DB refused the batch: {exc}")
-                count //= 2
-                continue
-            except DBWriteError as exc:
-                return 0, Retry(f"DB refused the batch: {exc}")
-            self.written += outcome.written
-            self.duplicates += outcome.duplicates
-            break
-        return count, Retry(f"DB full: {len(rows) - count} of {len(rows)} rows wait for space")
+        try:
+            outcome = self.store_rows(rows, fitting=True)
+        except DBWriteError as exc:
+            return 0, Retry(f"DB refused the batch: {exc}")
+        self.written += outcome.written
+        self.duplicates += outcome.duplicates
+        done = outcome.written + outcome.duplicates
+        return done, Retry(f"DB full: {len(rows) - done} of {len(rows)} rows wait for space")
 
 
 def query(args: argparse.Namespace, db_dir) -> int:  # type: ignore[no-untyped-def]

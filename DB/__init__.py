@@ -3,8 +3,8 @@
 Public API::
 
     ResultStore(directory, *, max_bytes=None)          the one writer (flock), plus queries
-        .add_results(rows) -> AddOutcome(written, duplicates)
-        .add_dead_letters(rows) -> AddOutcome
+        .add_results(rows, fitting=False) -> AddOutcome(written, duplicates)
+        .add_dead_letters(rows, fitting=False) -> AddOutcome   (fitting: what fits of a capped store)
     ResultReader(directory)                            read-only view, no lock, any process
     queries on both: .get(image_id) .has(image_id) .last(n) .count() .label_counts()
                      .dead_letters() .dead_letter_count()

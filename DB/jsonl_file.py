@@ -40,6 +40,7 @@ class PreparedRow(NamedTuple):
     key_hash: int
     line: bytes
     row: dict[str, Any]
+    index: int  # position in the batch given to ``prepare``
 
 
 @dataclass(slots=True)
@@ -279,7 +280,7 @@ class JsonlFile:
         line = text.encode("utf-8") + b"\n"
         if len(line) > _MAX_LINE_BYTES:
             raise DBRowError(f"row {index} is {len(line)} bytes; the limit is 4 GiB", field=None, index=index)
-        return PreparedRow(key, self._keys.key_hash(key), line, dict(row))
+        return PreparedRow(key, self._keys.key_hash(key), line, dict(row), index)
 
     def append(self, fd: int, rows: list[PreparedRow]) -> None:
         """Append ``rows`` with one write and one fdatasync, then index them.

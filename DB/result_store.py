@@ -12,7 +12,8 @@ Writing (``ResultStore``)
     batch), with one ``write`` and one ``fdatasync`` per batch: when they return, the rows are
     durable and the caller may ack its input. Redeliveries therefore leave exactly one row.
     A batch is all or nothing: a bad row (``DBRowError``), the ``max_bytes`` limit
-    (``DBFullError``) or a kernel write error (``DBWriteError``) leaves the files as they were.
+    (``DBFullError``) or a kernel write error (``DBWriteError``) leaves the files as they were;
+    with ``fitting=True`` a batch over ``max_bytes`` stores its longest leading part that fits.
 Crash consistency
     Only whole lines (ending in a newline) are rows. On open the writer truncates a torn last
     line left by a crash and rebuilds the in-memory index from the file.
@@ -188,27 +189,48 @@ class ResultStore(ResultQueries):
         """Total size of the two data files, as this writer knows it; never blocks."""
         return self._results.end + self._dead_letters.end
 
-    def add_results(self, rows: Iterable[Mapping[str, Any]]) -> AddOutcome:
+    def add_results(self, rows: Iterable[Mapping[str, Any]], *, fitting: bool = False) -> AddOutcome:
         """Store the rows whose ``image_id`` is new, durably, before returning.
 
         Blocks for one write and one fdatasync (none if every row is a duplicate). All or
         nothing: raises ``DBRowError``, ``DBFullError`` or ``DBWriteError`` with the file
-        unchanged. Thread-safe; ``DBClosedError`` after close().
+        unchanged. With ``fitting``, a batch over ``max_bytes`` stores its longest leading part
+        that fits instead (``written + duplicates`` rows of it are then done; ``DBFullError``
+        only if not even the first new row fits). Thread-safe; ``DBClosedError`` after close().
         """
-        return self._add(RESULTS_FILE, self._results, rows)
+        return self._add(RESULTS_FILE, self._results, rows, fitting)
 
-    def add_dead_letters(self, rows: Iterable[Mapping[str, Any]]) -> AddOutcome:
+    def add_dead_letters(self, rows: Iterable[Mapping[str, Any]], *, fitting: bool = False) -> AddOutcome:
         """Store the dead-letter rows whose ``id`` is new; same guarantees as ``add_results``."""
-        return self._add(DEAD_LETTERS_FILE, self._dead_letters, rows)
+        return self._add(DEAD_LETTERS_FILE, self._dead_letters, rows, fitting)
 
-    def _add(self, name: str, table: JsonlFile, rows: Iterable[Mapping[str, Any]]) -> AddOutcome:
+    def _add(self, name: str, table: JsonlFile, rows: Iterable[Mapping[str, Any]], fitting: bool) -> AddOutcome:
         with self._lock:
             self._check_open()
-            fresh, duplicates = table.prepare(self._fds[name], rows)
+            rows = list(rows)
+            fresh, _ = table.prepare(self._fds[name], rows)
+            taken = len(rows)
+            if fitting and fresh:
+                fitted = self._fitting(fresh)
+                if 0 < fitted < len(fresh):  # none fitting: _ensure_room raises DBFullError
+                    taken = fresh[fitted].index  # the rows before the first new row left out
+                    fresh = fresh[:fitted]
             if fresh:
                 self._ensure_room(fresh)
                 table.append(self._fds[name], fresh)
-            return AddOutcome(written=len(fresh), duplicates=duplicates)
+            return AddOutcome(written=len(fresh), duplicates=taken - len(fresh))
+
+    def _fitting(self, rows: list[PreparedRow]) -> int:
+        """How many of ``rows``, from the first, fit under ``max_bytes``."""
+        if self.max_bytes is None:
+            return len(rows)
+        room, count = self.max_bytes - self.bytes_on_disk, 0
+        for prepared in rows:
+            room -= len(prepared.line)
+            if room < 0:
+                break
+            count += 1
+        return count
 
     def _ensure_room(self, rows: list[PreparedRow]) -> None:
         if self.max_bytes is None:

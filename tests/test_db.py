@@ -312,6 +312,25 @@ def test_max_bytes_refuses_a_batch_whole_and_recovers(tmp_path: Path) -> None:
         assert store.count() == written + 1
 
 
+@pytest.mark.timeout(30)
+def test_fitting_stores_the_leading_part_of_a_batch_larger_than_the_cap(tmp_path: Path) -> None:
+    with ResultStore(tmp_path, max_bytes=2000) as store:
+        store.add_results([result("old")])
+        batch = [result("old")] + [result(f"img-{index}") for index in range(40)]  # ~3 kB, a duplicate first
+        outcome = store.add_results(batch, fitting=True)
+        done = outcome.written + outcome.duplicates
+        assert outcome.duplicates == 1 and 1 < done < len(batch)
+        assert (tmp_path / RESULTS_FILE).stat().st_size <= 2000
+        assert [row["image_id"] for row in lines_of(tmp_path)] == ["old"] + [row["image_id"] for row in batch[1:done]]
+        with pytest.raises(DBFullError):  # full as far as whole rows go; the rest waits
+            store.add_results(batch[done:], fitting=True)
+        with pytest.raises(DBFullError):  # without fitting, a batch is still all or nothing
+            store.add_results(batch, fitting=False)
+        store.max_bytes = None  # space is back
+        assert store.add_results(batch[done:], fitting=True) == AddOutcome(len(batch) - done, 0)
+        assert store.count() == len(batch)
+
+
 @pytest.mark.timeout(60)
 def test_kernel_write_error_rolls_back_and_writes_recover(tmp_path: Path) -> None:
     """RLIMIT_FSIZE makes the kernel refuse writes past a size (EFBIG), partial write included."""
