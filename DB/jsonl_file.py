@@ -106,15 +106,7 @@ class JsonlFile:
     def get(self, fd: int, key: Key) -> dict[str, Any] | None:
         """The row stored under ``key``, or None."""
         confirmed: dict[int, dict[str, Any]] = {}  # the row read to confirm a hash hit
-
-        def key_at(position: int) -> Key | None:
-            row = self._read_row(fd, position)
-            if row is None:
-                return None
-            confirmed[position] = row
-            return self._key_of(row)
-
-        position = self._keys.find([key], [self._keys.key_hash(key)], key_at)[0]
+        position = self._find(fd, [key], [self._keys.key_hash(key)], confirmed)[0]
         if position == NOT_FOUND:
             return None
         return confirmed[position] if position in confirmed else self._read_row(fd, position)
@@ -153,12 +145,18 @@ class JsonlFile:
         except (KeyError, TypeError):
             return None
 
-    def _find(self, fd: int, keys: Sequence[Key], hashes: Sequence[int]) -> list[int]:
-        """Position of each key, or NOT_FOUND; a hash hit is confirmed by reading its row."""
+    def _find(self, fd: int, keys: Sequence[Key], hashes: Sequence[int],
+              confirmed: dict[int, dict[str, Any]] | None = None) -> list[int]:
+        """Position of each key, or NOT_FOUND; a hash hit is confirmed by reading its row
+        (kept in ``confirmed``, if given, by position)."""
 
         def key_at(position: int) -> Key | None:
             row = self._read_row(fd, position)
-            return None if row is None else self._key_of(row)
+            if row is None:
+                return None
+            if confirmed is not None:
+                confirmed[position] = row
+            return self._key_of(row)
 
         return self._keys.find(keys, hashes, key_at)
 
