@@ -49,12 +49,17 @@ def test_same_key_goes_to_one_partition_in_order(kafka, topic_name):
     assert offsets == sorted(offsets)
 
 
-def test_nack_rewinds_the_partition_but_skips_what_was_acked(kafka, topic_name):
+def one_partition(kafka, topic_name, count):  # type: ignore[no-untyped-def]
+    """A new consumer and the messages m0, m1, ... of one partition it received, in order."""
     topic = topic_name()
     kafka.create_topic(topic)
-    kafka.publish_batch(topic, [OutgoingMessage.build(b"m%d" % i, key="one-partition") for i in range(5)])
+    kafka.publish_batch(topic, [OutgoingMessage.build(b"m%d" % i, key="one-partition") for i in range(count)])
     consumer = kafka.consumer(topic, group())
-    first = sorted(receive(consumer, 5), key=lambda m: m.data)
+    return consumer, sorted(receive(consumer, count), key=lambda m: m.data)
+
+
+def test_nack_rewinds_the_partition_but_skips_what_was_acked(kafka, topic_name):
+    consumer, first = one_partition(kafka, topic_name, 5)
     assert [m.data for m in first] == [b"m0", b"m1", b"m2", b"m3", b"m4"]
     consumer.ack([first[0], first[2], first[4]])
     consumer.nack(first[1])  # m3 is neither acked nor nacked: the rewind brings it again too
@@ -66,11 +71,7 @@ def test_nack_rewinds_the_partition_but_skips_what_was_acked(kafka, topic_name):
 
 
 def test_acking_after_a_nack_of_a_lower_offset_skips_the_refetch(kafka, topic_name):
-    topic = topic_name()
-    kafka.create_topic(topic)
-    kafka.publish_batch(topic, [OutgoingMessage.build(b"m%d" % i, key="one-partition") for i in range(3)])
-    consumer = kafka.consumer(topic, group())
-    first = sorted(receive(consumer, 3), key=lambda m: m.data)
+    consumer, first = one_partition(kafka, topic_name, 3)
     consumer.nack(first[0])
     consumer.ack(first[1:])  # acked after the rewind was requested
     again = receive(consumer, 1, timeout=30)
